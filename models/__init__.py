@@ -1,0 +1,1 @@
+"""fastadapt's meta-learning core: pure PyTorch, no server, no database."""

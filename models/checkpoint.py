@@ -1,0 +1,133 @@
+"""The MetaModel artifact: ``config.json`` + ``weights.safetensors`` + ``weights.sha256``.
+
+The sha256 of the weights file is the meta-model's version. Learned inner learning
+rates (Meta-SGD, MAML++) travel in the same safetensors file under ``inner_lr.``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from models import nets
+from models.maml import LOSSES, AdaptResult, InnerLoopConfig, Learner
+from models.params import Params, detached, from_bytes, sha256, to_bytes
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "weights.safetensors"
+DIGEST_FILE = "weights.sha256"
+LR_PREFIX = "inner_lr."
+
+
+@dataclass(frozen=True)
+class ArtifactConfig:
+    name: str  # what clients ask for, e.g. "sinusoid"
+    family: str  # task family module under models.tasks
+    architecture: dict[str, Any]  # nets.build() spec
+    task: dict[str, Any]  # {"kind": "regression"|"classification", "input_shape": [...], ...}
+    inner: InnerLoopConfig  # the default adaptation, exactly as meta-trained
+    training: dict[str, Any] = field(default_factory=dict)  # command, seed, iterations, ...
+
+    @property
+    def kind(self) -> str:
+        return str(self.task["kind"])
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.task["input_shape"])
+
+    def to_json(self) -> str:
+        data = {
+            "name": self.name,
+            "family": self.family,
+            "architecture": self.architecture,
+            "task": self.task,
+            "inner": self.inner.to_dict(),
+            "training": self.training,
+        }
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> ArtifactConfig:
+        data = json.loads(text)
+        data["inner"] = InnerLoopConfig.from_dict(data["inner"])
+        return cls(**data)
+
+
+class MetaModel:
+    """A loaded meta-learned initialisation: adapts per client, predicts per client."""
+
+    def __init__(self, config: ArtifactConfig, params: Params, lrs: Params, version: str) -> None:
+        self.config = config
+        self.net = nets.build(config.architecture)
+        self.learner = Learner(self.net, LOSSES[config.kind], config.inner)
+        self.params = detached(params)
+        self.lrs = detached(lrs)
+        self.version = version
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def to(self, device: torch.device | str) -> MetaModel:
+        self.net.to(device)
+        self.params = {n: t.to(device) for n, t in self.params.items()}
+        self.lrs = {n: t.to(device) for n, t in self.lrs.items()}
+        return self
+
+    def adapt(
+        self,
+        x: Tensor,
+        y: Tensor,
+        w: Tensor | None = None,
+        *,
+        steps: int | None = None,
+        lr: float | None = None,
+    ) -> AdaptResult:
+        """One client's adaptation: x (K, ...), y (K, O) or (K,), optional weights (K,)."""
+        w = torch.ones(x.shape[0], device=x.device) if w is None else w
+        with torch.no_grad():
+            return self.learner.adapt(self.params, self.lrs, x, y, w, steps=steps, lr=lr)
+
+    def predict(self, fast: Params, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.learner.predict(self.params, fast, x)
+
+    # -- files -------------------------------------------------------------------------------
+    def weights_bytes(self) -> bytes:
+        return to_bytes({**self.params, **{LR_PREFIX + n: t for n, t in self.lrs.items()}})
+
+    def save(self, directory: str | Path) -> str:
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        data = self.weights_bytes()
+        digest = sha256(data)
+        (out / WEIGHTS_FILE).write_bytes(data)
+        (out / DIGEST_FILE).write_text(digest + "\n")
+        (out / CONFIG_FILE).write_text(self.config.to_json())
+        self.version = digest
+        return digest
+
+    @classmethod
+    def load(cls, directory: str | Path) -> MetaModel:
+        src = Path(directory)
+        config = ArtifactConfig.from_json((src / CONFIG_FILE).read_text())
+        data = (src / WEIGHTS_FILE).read_bytes()
+        digest = sha256(data)
+        expected = (src / DIGEST_FILE).read_text().strip()
+        if digest != expected:
+            raise ValueError(f"{src / WEIGHTS_FILE}: sha256 {digest} != recorded {expected}")
+        tensors = from_bytes(data)
+        lrs = {n[len(LR_PREFIX) :]: t for n, t in tensors.items() if n.startswith(LR_PREFIX)}
+        params = {n: t for n, t in tensors.items() if not n.startswith(LR_PREFIX)}
+        return cls(config, params, lrs, digest)
+
+
+def discover(root: str | Path) -> list[Path]:
+    """Artifact directories directly under ``root`` (each holds a config.json)."""
+    return sorted(p.parent for p in Path(root).glob(f"*/{CONFIG_FILE}"))
