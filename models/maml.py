@@ -12,7 +12,7 @@ tasks is ``torch.func.vmap`` over that unit. Algorithms are configuration:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -107,12 +107,12 @@ class Learner:
     def features(self, frozen: Params, x: Tensor) -> Tensor:
         """What the fast parameters see: the body's features (ANIL) or the input itself."""
         if self.inner.adapt == "head":
-            return functional_call(self.net.body, select(frozen, "body"), (x,))
+            return functional_call(self.net.get_submodule("body"), select(frozen, "body"), (x,))
         return x
 
     def fast_forward(self, fast: Params, frozen: Params, h: Tensor) -> Tensor:
         if self.inner.adapt == "head":
-            return functional_call(self.net.head, select(fast, "head"), (h,))
+            return functional_call(self.net.get_submodule("head"), select(fast, "head"), (h,))
         return functional_call(self.net, {**frozen, **fast}, (h,))
 
     def predict(self, params: Params, fast: Params, x: Tensor) -> Tensor:
@@ -121,6 +121,53 @@ class Learner:
         return self.fast_forward(fast, frozen, self.features(frozen, x))
 
     # -- the inner loop ----------------------------------------------------------------------
+    def _descend(
+        self,
+        fast: Params,
+        frozen: Params,
+        h: Tensor,
+        y: Tensor,
+        w: Tensor,
+        lrs: Params,
+        steps: int,
+        lr: float | None,
+        create_graph: bool,
+    ) -> Iterator[tuple[Params, Tensor]]:
+        def support_loss(fast: Params) -> Tensor:
+            return self.loss(self.fast_forward(fast, frozen, h), y, w)
+
+        step_grad = grad_and_value(support_loss)
+        for step in range(steps):
+            grads, loss = step_grad(fast)
+            if not create_graph:
+                grads = {n: g.detach() for n, g in grads.items()}
+            fast = {n: p - self.step_lr(lrs, n, step, lr) * grads[n] for n, p in fast.items()}
+            yield fast, loss
+
+    def steps(
+        self,
+        params: Params,
+        lrs: Params,
+        x: Tensor,
+        y: Tensor,
+        w: Tensor,
+        *,
+        steps: int | None = None,
+        lr: float | None = None,
+        create_graph: bool = False,
+    ) -> Iterator[tuple[Params, Tensor]]:
+        """The inner loop on one task's support set: x (K, ...), y (K, ...), w (K,).
+
+        Yields ``(fast, support_loss)`` after each step, where the loss is the one that
+        step descended (at the parameters before it). ``create_graph=True`` keeps the
+        inner gradients differentiable (second-order MAML); otherwise they are detached,
+        which is first-order MAML during meta-training and plain fine-tuning when serving.
+        """
+        fast, frozen = self.split(params)
+        h = self.features(frozen, x)  # computed once: ANIL's support features
+        n = self.inner.steps if steps is None else steps
+        yield from self._descend(fast, frozen, h, y, w, lrs, n, lr, create_graph)
+
     def adapt(
         self,
         params: Params,
@@ -133,30 +180,16 @@ class Learner:
         lr: float | None = None,
         create_graph: bool = False,
     ) -> AdaptResult:
-        """Adapt to one task's support set: x (K, ...), y (K, ...), w (K,).
-
-        ``create_graph=True`` keeps the inner gradients differentiable (second-order MAML);
-        otherwise they are detached, which is first-order MAML during meta-training and
-        plain fine-tuning when serving.
-        """
-        steps = self.inner.steps if steps is None else steps
+        """Run the whole inner loop (see ``steps``) and report the support loss around it."""
         fast, frozen = self.split(params)
-        h = self.features(frozen, x)  # computed once: ANIL's support features
-
-        def support_loss(fast: Params) -> Tensor:
-            return self.loss(self.fast_forward(fast, frozen, h), y, w)
-
-        step_grad = grad_and_value(support_loss)
-        loss_before: Tensor | None = None
-        for step in range(steps):
-            grads, loss = step_grad(fast)
-            if loss_before is None:
-                loss_before = loss
-            if not create_graph:
-                grads = {n: g.detach() for n, g in grads.items()}
-            fast = {n: p - self.step_lr(lrs, n, step, lr) * grads[n] for n, p in fast.items()}
-        loss_after = support_loss(fast)
-        return AdaptResult(fast, loss_after if loss_before is None else loss_before, loss_after)
+        h = self.features(frozen, x)
+        n = self.inner.steps if steps is None else steps
+        trajectory = list(self._descend(fast, frozen, h, y, w, lrs, n, lr, create_graph))
+        if trajectory:
+            fast = trajectory[-1][0]
+        loss_after = self.loss(self.fast_forward(fast, frozen, h), y, w)
+        loss_before = trajectory[0][1] if trajectory else loss_after
+        return AdaptResult(fast, loss_before, loss_after)
 
     def adapt_batch(
         self,
