@@ -29,6 +29,7 @@ from torch import Tensor
 
 from models.checkpoint import ArtifactConfig, MetaModel
 from models.maml import LOSSES, InnerLoopConfig, Learner
+from models.nets import build as nets_build
 from models.params import Params, from_bytes, to_bytes
 from models.progress import Progress
 from models.tasks import Episode
@@ -334,6 +335,104 @@ def train_sinusoid(argv: Sequence[str]) -> None:
         print(f"wrote {args.out} (version {version[:12]}, {minutes:.1f} min)", file=sys.stderr)
 
 
+def train_tabular(argv: Sequence[str]) -> None:
+    from models.evaluate import tabular_scores
+    from models.tasks import tabular
+
+    p = argparse.ArgumentParser(prog="fastadapt train tabular")
+    p.add_argument("--data", type=Path, required=True, help="CSV, one row per example")
+    p.add_argument("--task-column", required=True)
+    p.add_argument("--label-column", required=True)
+    p.add_argument("--regression", action="store_true", help="numeric labels (else classes)")
+    p.add_argument("--out", type=Path, required=True, help="artifact directory to write")
+    p.add_argument("--name", default=None, help="meta-model name (default: the out folder's)")
+    add_common_arguments(p, MetaTrainConfig(iterations=5_000, meta_batch=16))
+    p.add_argument("--hidden", type=int, nargs="+", default=[64, 64])
+    p.add_argument("--inner-steps", type=int, default=5)
+    p.add_argument("--inner-lr", type=float, default=0.05)
+    p.add_argument(
+        "--learned-lr",
+        default="per_layer_per_step",
+        choices=["none", "per_param", "per_layer_per_step"],
+    )
+    p.add_argument("--shots", type=int, nargs=2, default=[2, 10], metavar=("MIN", "MAX"))
+    p.add_argument("--queries", type=int, default=10)
+    p.add_argument("--held-out", type=float, default=0.2, help="fraction of tasks for validation")
+    args = p.parse_args(argv)
+
+    cfg = common_config(args)
+    device = resolve_device(args.device)
+    rank = init_distributed(device)
+    table = tabular.load_csv(
+        args.data,
+        task_column=args.task_column,
+        label_column=args.label_column,
+        regression=args.regression,
+    )
+    train, held_out = table.split(args.held_out, cfg.seed)
+    torch.manual_seed(cfg.seed)
+    width = len(table.features)
+    out_features = 1 if table.regression else table.max_way
+    architecture = {
+        "kind": "mlp",
+        "in_features": width,
+        "hidden": args.hidden,
+        "out_features": out_features,
+        "standardize": train.standardize(),
+    }
+    net = nets_build(architecture)
+    inner = InnerLoopConfig(steps=args.inner_steps, lr=args.inner_lr, learned_lr=args.learned_lr)
+    kind = "regression" if table.regression else "classification"
+    task: dict[str, Any] = {
+        "kind": kind,
+        "input_shape": [width],
+        "features": list(table.features),
+        "task_column": args.task_column,
+        "label_column": args.label_column,
+        "held_out_tasks": sorted(t.name for t in held_out.tasks),
+        "output": "the label" if table.regression else "logits over max_way classes",
+    }
+    if not table.regression:
+        task["max_way"] = table.max_way
+    config = ArtifactConfig(
+        name=args.name or args.out.name,
+        family="tabular",
+        architecture=architecture,
+        task=task,
+        inner=inner,
+        training={"command": "fastadapt train tabular " + shlex.join(argv), "config": asdict(cfg)},
+    )
+    learner = Learner(net, LOSSES[kind], inner)
+    params: Params = dict(net.named_parameters())
+    shots = (args.shots[0], args.shots[1])
+
+    def sample(g: torch.Generator) -> Episode:
+        return tabular.sample(g, train, cfg.meta_batch, shots, args.queries)
+
+    def validate(params: Params, lrs: Params) -> dict[str, float]:
+        if not held_out.tasks:
+            return {}
+        probe = MetaModel(config, params, lrs, version="")
+        score = tabular_scores(probe, held_out, shots=shots[1], tasks=100, seed=10_000)
+        return {"val-" + score.metric: score.adapted[0]}
+
+    trainer = MetaTrainer(
+        learner,
+        params,
+        cfg,
+        sample,
+        args.out,
+        device=device,
+        rank=rank,
+        validate=validate if rank.main else None,
+    )
+    trainer.run(resume=args.resume)
+    if rank.main:
+        params_out, lrs_out = trainer.detached()
+        version = MetaModel(config, params_out, lrs_out, version="").save(args.out)
+        print(f"wrote {args.out} (version {version[:12]})", file=sys.stderr)
+
+
 def add_common_arguments(p: argparse.ArgumentParser, defaults: MetaTrainConfig) -> None:
     p.add_argument("--iterations", type=int, default=defaults.iterations)
     p.add_argument("--meta-batch", type=int, default=defaults.meta_batch)
@@ -372,7 +471,10 @@ def common_config(args: argparse.Namespace) -> MetaTrainConfig:
     )
 
 
-FAMILIES: dict[str, Callable[[Sequence[str]], None]] = {"sinusoid": train_sinusoid}
+FAMILIES: dict[str, Callable[[Sequence[str]], None]] = {
+    "sinusoid": train_sinusoid,
+    "tabular": train_tabular,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
