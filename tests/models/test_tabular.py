@@ -27,7 +27,7 @@ def write_csv(path: Path, *, regression: bool, tasks: int = 60, rows: int = 30) 
         for t in range(tasks):
             a, b, c = (rng.uniform(-2, 2) for _ in range(3))
             centres = {
-                name: (rng.uniform(-3, 3), rng.uniform(-3, 3)) for name in "red green blue".split()
+                name: (rng.uniform(-3, 3), rng.uniform(-3, 3)) for name in ["red", "green", "blue"]
             }
             for i in range(rows):
                 if regression:
