@@ -30,7 +30,7 @@ from torch import Tensor
 from models.checkpoint import ArtifactConfig, MetaModel
 from models.maml import LOSSES, InnerLoopConfig, Learner
 from models.nets import build as nets_build
-from models.params import Params, from_bytes, to_bytes
+from models.params import Params, from_bytes, select, to_bytes
 from models.progress import Progress
 from models.tasks import Episode
 
@@ -44,11 +44,25 @@ class MetaTrainConfig:
     meta_batch: int = 25  # tasks per meta-iteration, across all processes
     meta_lr: float = 1e-3  # Adam step size, cosine-annealed down to meta_lr_min
     meta_lr_min: float = 1e-5
+    rate_lr: float | None = None  # Adam step size for learned inner rates (None: meta_lr)
     clip: float = 1.0  # max norm of the meta-gradient (learned rates make spikes)
     multi_step_loss: float = 0.0  # MAML++: fraction of training that anneals per-step losses
     first_order_until: float = 0.0  # MAML++: fraction of training run first-order
     seed: int = 0  # seeds the initialisation and the task stream
     validate_every: int = 1000  # iterations between validations (and checkpoints)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which validation metric picks the weights an artifact ships (training can spike)."""
+
+    metric: str  # a key the validator returns
+    maximize: bool = False
+
+    def better(self, score: float, best: float | None) -> bool:
+        if math.isnan(score):
+            return False
+        return best is None or (score > best if self.maximize else score < best)
 
 
 @dataclass(frozen=True)
@@ -131,15 +145,22 @@ class MetaTrainer:
         device: str = "cpu",
         rank: Rank = Rank(),
         validate: Validator | None = None,
+        selection: Selection | None = None,
     ) -> None:
         if cfg.meta_batch % rank.world:
             raise ValueError(f"meta-batch {cfg.meta_batch} does not split over {rank.world}")
         self.learner, self.cfg, self.sample, self.out = learner, cfg, sample, out
         self.device, self.rank, self.validate = device, rank, validate
+        self.selection = selection
+        self.best_score: float | None = None
+        self.best: tuple[Params, Params] | None = None
         self.params = {n: p.detach().to(device).requires_grad_() for n, p in params.items()}
         self.lrs = {n: t.to(device).requires_grad_() for n, t in learner.init_lrs(params).items()}
-        leaves = [*self.params.values(), *self.lrs.values()]
-        self.optimizer = torch.optim.Adam(leaves, lr=cfg.meta_lr)
+        groups: list[dict[str, Any]] = [{"params": list(self.params.values())}]
+        if self.lrs:
+            rate_lr = cfg.meta_lr if cfg.rate_lr is None else cfg.rate_lr
+            groups.append({"params": list(self.lrs.values()), "lr": rate_lr})
+        self.optimizer = torch.optim.Adam(groups, lr=cfg.meta_lr)
         self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.optimizer, cfg.iterations, eta_min=cfg.meta_lr_min
         )
@@ -194,12 +215,29 @@ class MetaTrainer:
             if done % self.cfg.validate_every == 0 or done == self.cfg.iterations:
                 if self.validate is not None:
                     shown |= self.validate(*self.detached())
+                    self._keep_if_best(shown)
                 if self.rank.main:
                     self._log(metrics, {"iteration": done, **shown})
                     self.save_state()
             if self.rank.main:
                 progress.update(done, **shown)
         progress.close()
+
+    def _keep_if_best(self, metrics: dict[str, float]) -> None:
+        if self.selection is None:
+            return
+        score = metrics.get(self.selection.metric)
+        if score is not None and self.selection.better(score, self.best_score):
+            params, lrs = self.detached()
+            self.best_score = score
+            self.best = (
+                {n: t.clone() for n, t in params.items()},
+                {n: t.clone() for n, t in lrs.items()},
+            )
+
+    def final(self) -> tuple[Params, Params]:
+        """The weights to ship: the best validated ones when selecting, else the last."""
+        return self.best if self.best is not None else self.detached()
 
     def detached(self) -> tuple[Params, Params]:
         params = {n: p.detach().cpu() for n, p in self.params.items()}
@@ -213,8 +251,12 @@ class MetaTrainer:
         for index, state in opt["state"].items():
             tensors |= {f"opt.{index}.{k}": torch.as_tensor(v) for k, v in state.items()}
         tensors["tasks.generator"] = self.tasks.get_state()
+        if self.best is not None:
+            tensors |= {f"best.param.{n}": t for n, t in self.best[0].items()}
+            tensors |= {f"best.lr.{n}": t for n, t in self.best[1].items()}
         meta = {
             "iteration": self.iteration,
+            "best_score": self.best_score,
             "param_groups": opt["param_groups"],
             "schedule": self.schedule.state_dict(),
         }
@@ -245,6 +287,9 @@ class MetaTrainer:
         self.schedule.load_state_dict(meta["schedule"])
         self.tasks.set_state(tensors["tasks.generator"])
         self.iteration = int(meta["iteration"])
+        self.best_score = meta.get("best_score")
+        if self.best_score is not None:
+            self.best = (select(tensors, "best.param"), select(tensors, "best.lr"))
 
     @staticmethod
     def _log(path: Path, row: dict[str, Any]) -> None:
@@ -313,7 +358,7 @@ def train_sinusoid(argv: Sequence[str]) -> None:
 
     def validate(params: Params, lrs: Params) -> dict[str, float]:
         probe = MetaModel(config, params, lrs, version="")
-        return {"val-mse@5": sinusoid_mse(probe, shots=5, tasks=200, seed=10_000)[0]}
+        return {"val-mse@5": sinusoid_mse(probe, shots=5, tasks=500, seed=10_000)[0]}
 
     trainer = MetaTrainer(
         learner,
@@ -324,11 +369,12 @@ def train_sinusoid(argv: Sequence[str]) -> None:
         device=device,
         rank=rank,
         validate=validate if rank.main else None,
+        selection=Selection("val-mse@5"),
     )
     started = time.perf_counter()
     trainer.run(resume=args.resume)
     if rank.main:
-        params_out, lrs_out = trainer.detached()
+        params_out, lrs_out = trainer.final()
         minutes = (time.perf_counter() - started) / 60
         config.training["minutes"] = round(minutes, 1)
         version = MetaModel(config, params_out, lrs_out, version="").save(args.out)
@@ -425,10 +471,13 @@ def train_tabular(argv: Sequence[str]) -> None:
         device=device,
         rank=rank,
         validate=validate if rank.main else None,
+        selection=Selection(
+            "val-" + ("mse" if table.regression else "accuracy"), maximize=not table.regression
+        ),
     )
     trainer.run(resume=args.resume)
     if rank.main:
-        params_out, lrs_out = trainer.detached()
+        params_out, lrs_out = trainer.final()
         version = MetaModel(config, params_out, lrs_out, version="").save(args.out)
         print(f"wrote {args.out} (version {version[:12]})", file=sys.stderr)
 
@@ -437,6 +486,12 @@ def add_common_arguments(p: argparse.ArgumentParser, defaults: MetaTrainConfig) 
     p.add_argument("--iterations", type=int, default=defaults.iterations)
     p.add_argument("--meta-batch", type=int, default=defaults.meta_batch)
     p.add_argument("--meta-lr", type=float, default=defaults.meta_lr)
+    p.add_argument(
+        "--rate-lr",
+        type=float,
+        default=defaults.rate_lr,
+        help="meta step size for learned inner rates (default: --meta-lr)",
+    )
     p.add_argument("--clip", type=float, default=defaults.clip)
     p.add_argument(
         "--multi-step-loss",
@@ -463,6 +518,7 @@ def common_config(args: argparse.Namespace) -> MetaTrainConfig:
         iterations=args.iterations,
         meta_batch=args.meta_batch,
         meta_lr=args.meta_lr,
+        rate_lr=args.rate_lr,
         clip=args.clip,
         multi_step_loss=args.multi_step_loss,
         first_order_until=args.first_order_until,

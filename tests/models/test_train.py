@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from models.maml import InnerLoopConfig, Learner, mse_loss
 from models.nets import MLP
 from models.params import Params
 from models.tasks import Episode, sinusoid
-from models.train import MetaTrainConfig, MetaTrainer, step_weights
+from models.train import MetaTrainConfig, MetaTrainer, Selection, step_weights
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[2]
@@ -97,3 +98,30 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
     two = run_cli(tmp_path / "two", *torchrun)
     for name, value in one.items():
         torch.testing.assert_close(two[name], value, atol=1e-6, rtol=1e-5)
+
+
+def test_ships_the_best_validated_weights(tmp_path: Path) -> None:
+    scores = iter([3.0, 1.0, 2.0])  # validated at iterations 4, 8 and 12
+    snapshots: list[Params] = []
+
+    def validate(params: Params, lrs: Params) -> dict[str, float]:
+        snapshots.append({n: t.clone() for n, t in params.items()})
+        return {"val": next(scores)}
+
+    t = trainer(tmp_path)
+    t = MetaTrainer(
+        t.learner,
+        t.params,
+        replace(t.cfg, validate_every=4),
+        t.sample,
+        tmp_path,
+        validate=validate,
+        selection=Selection("val"),
+    )
+    t.run()
+    best, _ = t.final()
+    for name, value in snapshots[1].items():
+        assert torch.equal(best[name], value)
+    assert not torch.equal(best["head.weight"], t.detached()[0]["head.weight"])
+    assert Selection("acc", maximize=True).better(0.9, 0.8)
+    assert not Selection("mse").better(float("nan"), None)
