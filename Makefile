@@ -1,0 +1,49 @@
+# fastadapt: `make serve` and `make test` set everything up themselves.
+#
+#   make serve        migrate, then serve on 127.0.0.1:8000 (PORT=9000 make serve)
+#   make test         the whole test suite
+#   make lint         ruff + mypy
+#
+# The virtual environment is created once and reinstalled only when pyproject.toml
+# changes. torch is installed first: TORCH names it (the CPU wheel that pip finds on
+# this machine's disk); TORCH_PIP_ARGS adds pip options, e.g.
+#   make test TORCH_PIP_ARGS='--index-url https://download.pytorch.org/whl/cpu'
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+SERVE_HOST ?= 127.0.0.1
+PORT ?= 8000
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fastadapt-installed
+
+.PHONY: install serve migrate test lint clean
+
+install: $(STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) '$(TORCH)'
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+migrate: $(STAMP)
+	$(BIN)/fastadapt migrate
+
+serve: migrate
+	$(BIN)/fastadapt serve --host $(SERVE_HOST) --port $(PORT)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check models service migrations tests
+	$(BIN)/ruff format --check models service migrations tests
+	$(BIN)/mypy models service migrations
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

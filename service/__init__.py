@@ -1,0 +1,1 @@
+"""fastadapt's HTTP service: API, use cases, store and the device engine."""

@@ -1,0 +1,79 @@
+"""Exception handlers: every error leaves as ``{"error": {"type": ..., "message": ...}}``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from service.errors import FastAdaptError, InvalidInput, Unavailable, error_body, status_of
+
+log = logging.getLogger(__name__)
+HTTP_TYPES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}
+SHOWN_PROBLEMS = 5
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(FastAdaptError, _domain)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation)  # type: ignore[arg-type]
+    app.add_exception_handler(HTTPException, _http)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _internal)
+
+
+def _respond(
+    status: int, type_: str, message: str, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(error_body(type_, message), status_code=status, headers=headers)
+
+
+async def _domain(_: Request, exc: FastAdaptError) -> JSONResponse:
+    headers = None
+    if isinstance(exc, Unavailable) and exc.retry_after is not None:
+        headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
+    return _respond(status_of(exc), exc.type, exc.message, headers)
+
+
+async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = [_describe(error) for error in exc.errors()]
+    content_type = request.headers.get("content-type", "")
+    if "json" not in content_type and any(e.get("loc") == ("body",) for e in exc.errors()):
+        problems.insert(
+            0, f"body: send JSON with Content-Type: application/json, not {content_type!r}"
+        )
+    message = "; ".join(problems[:SHOWN_PROBLEMS])
+    if len(problems) > SHOWN_PROBLEMS:
+        message += f"; and {len(problems) - SHOWN_PROBLEMS} more"
+    return _respond(422, InvalidInput.type, message)
+
+
+async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+    type_ = HTTP_TYPES.get(exc.status_code, "http_error")
+    return _respond(exc.status_code, type_, str(exc.detail), exc.headers)
+
+
+async def _internal(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    return _respond(500, FastAdaptError.type, "internal server error")
+
+
+def _describe(error: Any) -> str:
+    """``support.inputs[0][1]: Input should be a finite number``."""
+    if error.get("type") == "json_invalid":
+        detail = error.get("ctx", {}).get("error", "")
+        return f"body: invalid JSON ({detail}) at character {error['loc'][-1]}"
+    return f"{_field(error.get('loc', ()))}: {error.get('msg', 'invalid')}"
+
+
+def _field(loc: Sequence[int | str]) -> str:
+    parts = list(loc)
+    if len(parts) > 1 and parts[0] in ("body", "query", "path", "header", "cookie"):
+        parts = parts[1:]
+    name = ""
+    for part in parts:
+        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
+    return name or "body"

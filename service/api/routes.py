@@ -1,0 +1,150 @@
+"""The v1 routes. Each one parses, calls one use case and returns a wire schema."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Response
+
+from service import usecases
+from service.api.deps import (
+    ClientId,
+    EngineDep,
+    MetaModelsDep,
+    SessionDep,
+    SettingsDep,
+    TenantDep,
+)
+from service.api.schemas import (
+    AdaptRequest,
+    AdaptResponse,
+    ClientResponse,
+    ErrorResponse,
+    MetaModelList,
+    MetaModelResponse,
+    PredictionRequest,
+    PredictionResponse,
+    QueryNumber,
+    Status,
+)
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (404, 409, 413, 422, 503)
+}
+router = APIRouter(responses=ERRORS)
+
+
+@router.get("/healthz", tags=["health"])
+def healthz() -> Status:
+    """The process is alive."""
+    return Status(status="ok")
+
+
+@router.get("/readyz", tags=["health"])
+def readyz(session: SessionDep, meta_models: MetaModelsDep) -> Status:
+    """The database answers and at least one meta-model is loaded (else 503)."""
+    usecases.check_ready(session=session, meta_models=meta_models)
+    return Status(status="ready")
+
+
+@router.get("/v1/meta-models", tags=["meta-models"])
+def list_meta_models(meta_models: MetaModelsDep) -> MetaModelList:
+    infos = usecases.list_meta_models(meta_models)
+    return MetaModelList(meta_models=[MetaModelResponse.model_validate(i) for i in infos])
+
+
+@router.get("/v1/meta-models/{name}", tags=["meta-models"])
+def get_meta_model(name: str, meta_models: MetaModelsDep) -> MetaModelResponse:
+    return MetaModelResponse.model_validate(usecases.get_meta_model(meta_models, name))
+
+
+@router.post("/v1/clients/{client_id}/adaptations", status_code=201, tags=["clients"])
+def adapt(
+    client_id: ClientId,
+    body: AdaptRequest,
+    session: SessionDep,
+    engine: EngineDep,
+    meta_models: MetaModelsDep,
+    settings: SettingsDep,
+    tenant_id: TenantDep,
+) -> AdaptResponse:
+    """Adapt a meta-model to the client's support set; the result is its new version."""
+    version = usecases.adapt(
+        session=session,
+        engine=engine,
+        meta_models=meta_models,
+        settings=settings,
+        tenant_id=tenant_id,
+        client_id=client_id,
+        meta_model=body.meta_model,
+        inputs=body.support.inputs,
+        targets=body.support.targets,
+        inner_steps=body.inner_steps,
+        inner_lr=body.inner_lr,
+    )
+    return AdaptResponse.model_validate(version)
+
+
+@router.get("/v1/clients/{client_id}/predictions", tags=["clients"])
+def predict_query(
+    client_id: ClientId,
+    x: Annotated[list[QueryNumber], Query(description="One value per 1-D input.")],
+    session: SessionDep,
+    engine: EngineDep,
+    meta_models: MetaModelsDep,
+    settings: SettingsDep,
+    tenant_id: TenantDep,
+) -> PredictionResponse:
+    """Predictions of the current version for 1-D inputs: ``?x=0.5&x=1.25``."""
+    prediction = usecases.predict(
+        session=session,
+        engine=engine,
+        meta_models=meta_models,
+        settings=settings,
+        tenant_id=tenant_id,
+        client_id=client_id,
+        inputs=[[value] for value in x],
+        field="x",
+    )
+    return PredictionResponse.model_validate(prediction)
+
+
+@router.post("/v1/clients/{client_id}/predictions", tags=["clients"])
+def predict(
+    client_id: ClientId,
+    body: PredictionRequest,
+    session: SessionDep,
+    engine: EngineDep,
+    meta_models: MetaModelsDep,
+    settings: SettingsDep,
+    tenant_id: TenantDep,
+) -> PredictionResponse:
+    """Predictions of the current version, or of ``version``."""
+    prediction = usecases.predict(
+        session=session,
+        engine=engine,
+        meta_models=meta_models,
+        settings=settings,
+        tenant_id=tenant_id,
+        client_id=client_id,
+        inputs=body.inputs,
+        version=body.version,
+    )
+    return PredictionResponse.model_validate(prediction)
+
+
+@router.get("/v1/clients/{client_id}", tags=["clients"])
+def get_client(client_id: ClientId, session: SessionDep, tenant_id: TenantDep) -> ClientResponse:
+    """The current version and the version history (without parameters or support sets)."""
+    client = usecases.get_client(session=session, tenant_id=tenant_id, client_id=client_id)
+    return ClientResponse.model_validate(client)
+
+
+@router.delete(
+    "/v1/clients/{client_id}", status_code=204, response_class=Response, tags=["clients"]
+)
+def delete_client(
+    client_id: ClientId, session: SessionDep, engine: EngineDep, tenant_id: TenantDep
+) -> None:
+    """Delete the client: every version and support set."""
+    usecases.delete_client(session=session, engine=engine, tenant_id=tenant_id, client_id=client_id)

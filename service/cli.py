@@ -1,0 +1,109 @@
+"""The ``fastadapt`` command: serve, migrate, train, eval."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from sqlalchemy import make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+from service.settings import Settings
+from service.store import migrate as migrations
+
+log = logging.getLogger("fastadapt")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "train":
+        return _train(args[1:])
+    if args and args[0] == "eval":
+        return _evaluate(args[1:])
+    parsed = _parser().parse_args(args)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if parsed.command == "serve":
+        return serve(host=parsed.host, port=parsed.port)
+    return migrate()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastadapt", description="Fast per-client task adaptation with MAML."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser("serve", help="serve the HTTP API")
+    serve.add_argument("--host", help="interface to bind (default: FASTADAPT_HOST, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to bind (default: FASTADAPT_PORT, 8000)")
+    commands.add_parser("migrate", help="apply pending database migrations")
+    commands.add_parser("train", help="meta-train a meta-model (fastadapt train --help)")
+    commands.add_parser("eval", help="meta-test a meta-model (fastadapt eval --help)")
+    return parser
+
+
+def serve(*, host: str | None = None, port: int | None = None) -> int:
+    """Serve with the environment's settings; SQLite is migrated here, PostgreSQL checked."""
+    env = Settings()
+    settings = Settings(host=host or env.host, port=port or env.port)
+    problem = _prepare_schema(settings)
+    if problem:
+        print(f"fastadapt: {problem}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    from service.app import create_app
+
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
+    return 0
+
+
+def migrate() -> int:
+    settings = Settings()
+    try:
+        migrations.upgrade(settings.database_url)
+    except SQLAlchemyError as exc:
+        print(f"fastadapt: cannot migrate {_shown(settings)}: {exc}", file=sys.stderr)
+        return 2
+    log.info("%s is at revision %s", _shown(settings), migrations.head())
+    return 0
+
+
+def _prepare_schema(settings: Settings) -> str | None:
+    """Bring SQLite up to date; on PostgreSQL only check (replicas must not race to migrate)."""
+    try:
+        if settings.is_sqlite:
+            migrations.upgrade(settings.database_url)
+            return None
+        have, want = migrations.current(settings.database_url), migrations.head()
+    except SQLAlchemyError as exc:
+        return f"cannot reach {_shown(settings)}: {exc}"
+    if have != want:
+        return (
+            f"the schema of {_shown(settings)} is at revision {have or 'none'}, this code needs "
+            f"{want}: run `fastadapt migrate` first"
+        )
+    return None
+
+
+def _shown(settings: Settings) -> str:
+    return make_url(settings.database_url).render_as_string(hide_password=True)
+
+
+def _train(argv: list[str]) -> int:
+    from models import train
+
+    train.main(argv)
+    return 0
+
+
+def _evaluate(argv: list[str]) -> int:
+    from models import evaluate
+
+    evaluate.main(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,119 @@
+"""Adapted parameters on the device: an LRU cache with a byte budget.
+
+Keyed by (tenant_id, client_id, version). A version is immutable, so a key never goes
+stale: a new version is a new key. ``forget(tenant, client)`` drops every version of a
+client, and a load that started before the forget is not cached when it finishes (a
+re-created client with the same id and version 1 must not be served the old one).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import overload
+
+from models.params import Params, nbytes
+
+Key = tuple[str, str, int]  # (tenant_id, client_id, version)
+Client = tuple[str, str]  # (tenant_id, client_id)
+
+_FORGET_LOG = 4096  # forgets remembered for loads in flight; older ones make a load uncached
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    hits: int
+    misses: int
+    evictions: int
+    entries: int
+    bytes: int
+    capacity_bytes: int
+
+
+class ParamsCache:
+    def __init__(self, capacity_bytes: int) -> None:
+        if capacity_bytes < 0:
+            raise ValueError("capacity_bytes must be >= 0")
+        self.capacity_bytes = capacity_bytes
+        self._entries: OrderedDict[Key, tuple[Params, int]] = OrderedDict()  # LRU first
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self._epoch = 0  # bumped by every forget
+        self._forgotten: deque[tuple[int, Client]] = deque(maxlen=_FORGET_LOG)
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+    @overload
+    def get(self, key: Key) -> Params | None: ...
+    @overload
+    def get(self, key: Key, load: Callable[[], Params]) -> Params: ...
+
+    def get(self, key: Key, load: Callable[[], Params] | None = None) -> Params | None:
+        """The cached params of ``key`` (counted as a hit or a miss). On a miss, with
+        ``load``: load them in the calling thread, cache them, and return them."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return entry[0]
+            self.misses += 1
+            ticket = self._epoch
+        if load is None:
+            return None
+        params = load()
+        self.put(key, params, ticket)
+        return params
+
+    def ticket(self) -> int:
+        """Take before loading a missed entry; ``put`` checks it for forgets since."""
+        with self._lock:
+            return self._epoch
+
+    def put(self, key: Key, params: Params, ticket: int) -> bool:
+        """Cache ``params`` unless its client was forgotten since ``ticket`` or it cannot fit."""
+        size = nbytes(params)
+        with self._lock:
+            if self._forgotten_since(ticket, key[:2]) or size > self.capacity_bytes:
+                return False
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= old[1]
+            self._entries[key] = (params, size)
+            self._bytes += size
+            while self._bytes > self.capacity_bytes:
+                _, (_, freed) = self._entries.popitem(last=False)
+                self._bytes -= freed
+                self.evictions += 1
+            return True
+
+    def _forgotten_since(self, ticket: int, client: tuple[str, ...]) -> bool:
+        if ticket == self._epoch:
+            return False
+        if ticket < self._epoch - len(self._forgotten):
+            return True  # the log no longer reaches back to the ticket: assume the worst
+        return any(epoch > ticket and who == client for epoch, who in self._forgotten)
+
+    def forget(self, tenant_id: str, client_id: str) -> int:
+        """Drop every cached version of a client; returns how many were dropped."""
+        with self._lock:
+            self._epoch += 1
+            self._forgotten.append((self._epoch, (tenant_id, client_id)))
+            doomed = [k for k in self._entries if k[0] == tenant_id and k[1] == client_id]
+            for key in doomed:
+                self._bytes -= self._entries.pop(key)[1]
+            return len(doomed)
+
+    def stats(self) -> CacheStats:
+        with self._lock:
+            return CacheStats(
+                self.hits,
+                self.misses,
+                self.evictions,
+                len(self._entries),
+                self._bytes,
+                self.capacity_bytes,
+            )

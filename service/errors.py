@@ -1,0 +1,75 @@
+"""Domain errors, and the single table that maps them to HTTP status codes.
+
+Every error reaches clients as ``{"error": {"type": ..., "message": ...}}``. This module
+is a leaf: it imports nothing from the service, and nothing from FastAPI.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class FastAdaptError(Exception):
+    """Base of every error a client may see; ``type`` is the stable, machine-readable name."""
+
+    type: ClassVar[str] = "internal"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NotFound(FastAdaptError):
+    type = "not_found"
+
+
+class InvalidInput(FastAdaptError):
+    """A request value that cannot be used; the message starts with the field's name."""
+
+    type = "invalid_input"
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class TooLarge(FastAdaptError):
+    type = "too_large"
+
+
+class Conflict(FastAdaptError):
+    """The request is valid but clashes with the stored state (e.g. a stale meta-model)."""
+
+    type = "conflict"
+
+
+class Unavailable(FastAdaptError):
+    """The service cannot answer now; ``retry_after`` (seconds) says when to try again."""
+
+    type = "unavailable"
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+STATUS: dict[type[FastAdaptError], int] = {
+    NotFound: 404,
+    Conflict: 409,
+    TooLarge: 413,
+    InvalidInput: 422,
+    Unavailable: 503,
+    FastAdaptError: 500,
+}
+
+
+def status_of(error: FastAdaptError) -> int:
+    """The HTTP status of an error: its own class's entry, else its nearest base's."""
+    for cls in type(error).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500
+
+
+def error_body(type_: str, message: str) -> dict[str, Any]:
+    return {"error": {"type": type_, "message": message}}

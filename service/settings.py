@@ -1,0 +1,91 @@
+"""The one settings object: ``FASTADAPT_*`` environment variables, validated at start-up.
+
+There is no module-level instance; ``create_app`` and the CLI build one and pass it on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Self
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+import models
+
+MiB = 1024 * 1024
+
+
+def packaged_models_dir() -> Path:
+    """The artifacts that ship with the ``models`` package (``models/artifacts``)."""
+    return Path(models.__file__).parent / "artifacts"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FASTADAPT_", extra="ignore")
+
+    # -- storage -----------------------------------------------------------------------------
+    data_dir: Path = Field(default=Path("data"), description="Where the default SQLite file lives.")
+    database_url: str = Field(
+        default="", description="SQLAlchemy URL; empty means sqlite:///<data_dir>/fastadapt.db."
+    )
+    models_dir: Path = Field(
+        default_factory=packaged_models_dir,
+        description="Directory of meta-model artifacts, one sub-directory each.",
+    )
+
+    # -- serving -----------------------------------------------------------------------------
+    host: str = Field(default="127.0.0.1", description="Interface `fastadapt serve` binds.")
+    port: int = Field(default=8000, ge=1, le=65535, description="Port `fastadapt serve` binds.")
+    device: str = Field(
+        default="auto", description='Torch device: "auto" (cuda if present), "cpu", ...'
+    )
+
+    # -- request limits ----------------------------------------------------------------------
+    max_support: int = Field(default=1000, ge=1, description="Most support points per adaptation.")
+    max_predict_batch: int = Field(
+        default=10000, ge=1, description="Most inputs per prediction call."
+    )
+    max_body_bytes: int = Field(
+        default=4 * MiB, ge=1024, description="Largest request body, in bytes."
+    )
+    min_inner_steps: int = Field(
+        default=1, ge=1, description="Smallest inner_steps a request may ask."
+    )
+    max_inner_steps: int = Field(
+        default=100, ge=1, description="Largest inner_steps a request may ask."
+    )
+    max_inner_lr: float = Field(
+        default=10.0, gt=0, description="Largest inner_lr (it must be > 0)."
+    )
+
+    # -- engine ------------------------------------------------------------------------------
+    max_batch_size: int = Field(
+        default=64, ge=1, description="Most jobs the engine runs as one batch."
+    )
+    max_batch_delay_ms: float = Field(
+        default=2.0, ge=0, description="How long a batch waits to fill."
+    )
+    queue_size: int = Field(
+        default=1024, ge=1, description="Jobs waiting for the engine before 503."
+    )
+    cache_bytes: int = Field(
+        default=256 * MiB, ge=0, description="Adapted parameters kept on device."
+    )
+    job_timeout_s: float = Field(
+        default=30.0, gt=0, description="Longest a request waits for the engine."
+    )
+    threads: int = Field(default=1, ge=1, description="Torch intra-op threads of the engine.")
+
+    @model_validator(mode="after")
+    def _resolve(self) -> Self:
+        if self.min_inner_steps > self.max_inner_steps:
+            raise ValueError("min_inner_steps must not exceed max_inner_steps")
+        self.data_dir = self.data_dir.expanduser().resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'fastadapt.db'}"
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")

@@ -1,0 +1,1 @@
+"""Persistence: ORM tables, the session factory, repository functions and migrations."""

@@ -1,0 +1,107 @@
+"""ORM tables (SQLAlchemy 2.0 typed mappings). The schema itself is created by Alembic.
+
+A client is keyed by ``(tenant_id, client_id)``; until tenants exist everyone is in
+``DEFAULT_TENANT``. Each adaptation adds an immutable ``ClientVersion`` (1, 2, 3, ...);
+``Client.current_version`` is the newest. Support sets are stored as JSON text, exactly
+the numbers the client sent; adapted parameters as safetensors bytes.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKeyConstraint,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+DEFAULT_TENANT = "default"
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite drops the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Client(Base):
+    __tablename__ = "clients"
+
+    tenant_id: Mapped[str] = mapped_column(
+        String(64), primary_key=True, default=DEFAULT_TENANT, server_default=DEFAULT_TENANT
+    )
+    client_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    current_version: Mapped[int] = mapped_column(Integer)  # 0 only inside the creating txn
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    versions: Mapped[list[ClientVersion]] = relationship(
+        back_populates="client",
+        order_by="ClientVersion.version",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+    )
+
+
+class ClientVersion(Base):
+    __tablename__ = "client_versions"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["tenant_id", "client_id"],
+            ["clients.tenant_id", "clients.client_id"],
+            ondelete="CASCADE",
+        ),
+    )
+
+    tenant_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    client_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)  # 1, 2, 3, ... per client
+
+    meta_model: Mapped[str] = mapped_column(String(128))
+    meta_model_version: Mapped[str] = mapped_column(String(64))  # sha256 of its weights
+    params: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)  # safetensors
+    support_inputs: Mapped[str] = mapped_column(Text, deferred=True)  # JSON, (K, D)
+    support_targets: Mapped[str] = mapped_column(Text, deferred=True)  # JSON, (K,)
+    support_size: Mapped[int] = mapped_column(Integer)
+    inner_steps: Mapped[int] = mapped_column(Integer)
+    inner_lr: Mapped[float | None] = mapped_column(Float)  # None: the meta-model's learned rates
+    support_loss_before: Mapped[float] = mapped_column(Float)
+    support_loss_after: Mapped[float] = mapped_column(Float)
+    adapt_ms: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    client: Mapped[Client] = relationship(back_populates="versions")
