@@ -37,8 +37,11 @@ migrate: $(STAMP)
 serve: migrate
 	$(BIN)/fastadapt serve --host $(SERVE_HOST) --port $(PORT)
 
+# PostgreSQL tests use the local server unless FASTADAPT_TEST_POSTGRES_URL says otherwise
+# (set it empty to skip them).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	FASTADAPT_TEST_POSTGRES_URL="$${FASTADAPT_TEST_POSTGRES_URL-postgresql+psycopg://postgres@127.0.0.1:5432/test}" \
+	  $(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check models service migrations tests

@@ -35,6 +35,7 @@ class InnerLoopConfig:
     first_order: bool = False  # drop second-order terms of the meta-gradient (FOMAML)
     adapt: Adapt = "all"  # "all" parameters (MAML) or the "head" alone (ANIL)
     learned_lr: LearnedLr = "none"  # or "per_param" (Meta-SGD), "per_layer_per_step" (MAML++)
+    grad_clip: float | None = None  # clip each inner gradient to this global norm (None: off)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,6 +58,14 @@ def cross_entropy_loss(logits: Tensor, target: Tensor, weight: Tensor) -> Tensor
 
 
 LOSSES: dict[str, LossFn] = {"regression": mse_loss, "classification": cross_entropy_loss}
+
+
+def clip_norm(grads: Params, max_norm: float) -> Params:
+    """Scale the gradient down to ``max_norm`` (global over all entries) if it is longer:
+    a support set that would make the learned step sizes diverge takes a bounded step."""
+    norm = torch.stack([(g * g).sum() for g in grads.values()]).sum().sqrt()
+    scale = torch.clamp(max_norm / (norm + 1e-12), max=1.0)
+    return {n: g * scale for n, g in grads.items()}
 
 
 class AdaptResult(NamedTuple):
@@ -141,6 +150,8 @@ class Learner:
             grads, loss = step_grad(fast)
             if not create_graph:
                 grads = {n: g.detach() for n, g in grads.items()}
+            if self.inner.grad_clip is not None:
+                grads = clip_norm(grads, self.inner.grad_clip)
             fast = {n: p - self.step_lr(lrs, n, step, lr) * grads[n] for n, p in fast.items()}
             yield fast, loss
 

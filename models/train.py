@@ -318,6 +318,12 @@ def train_sinusoid(argv: Sequence[str]) -> None:
         choices=["none", "per_param", "per_layer_per_step"],
     )
     p.add_argument("--first-order", action="store_true")
+    p.add_argument(
+        "--inner-grad-clip",
+        type=float,
+        default=None,
+        help="clip each inner gradient to this norm (bounds a diverging step)",
+    )
     p.add_argument("--min-shots", type=int, default=5)
     p.add_argument("--max-shots", type=int, default=20)
     p.add_argument("--queries", type=int, default=20)
@@ -333,6 +339,7 @@ def train_sinusoid(argv: Sequence[str]) -> None:
         lr=args.inner_lr,
         first_order=args.first_order,
         learned_lr=args.learned_lr,
+        grad_clip=args.inner_grad_clip,
     )
     config = ArtifactConfig(
         name="sinusoid",

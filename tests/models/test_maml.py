@@ -175,3 +175,18 @@ def test_zero_and_one_step(steps: int) -> None:
         for name in params:
             assert torch.equal(out.fast[name], params[name])
         torch.testing.assert_close(out.loss_before, out.loss_after)
+
+
+def test_inner_gradient_clipping_bounds_each_step() -> None:
+    learner, params = make(steps=3, lr=0.02, grad_clip=0.5)
+    x, y, w = support()
+    ours = learner.adapt(params, {}, x, y, w)
+    fast = leaves(params)
+    for _ in range(3):
+        loss = ((reference_forward(fast, x) - y) ** 2).mean()
+        grads = torch.autograd.grad(loss, list(fast.values()))
+        norm = torch.sqrt(sum((g**2).sum() for g in grads))
+        scale = min(1.0, 0.5 / float(norm))
+        fast = {n: t - 0.02 * scale * g for (n, t), g in zip(fast.items(), grads, strict=True)}
+    for name in params:
+        torch.testing.assert_close(ours.fast[name], fast[name].detach(), atol=1e-5, rtol=1e-5)

@@ -1,0 +1,12 @@
+-- Ten predictions per request for a random stored client "bench-<n>", n < CLIENTS.
+local clients = tonumber(os.getenv("CLIENTS") or "1000")
+
+request = function()
+  local xs = {}
+  for i = 1, 10 do
+    xs[i] = string.format("[%.5f]", math.random() * 10 - 5)
+  end
+  local body = '{"inputs":[' .. table.concat(xs, ",") .. ']}'
+  local path = "/v1/clients/bench-" .. math.random(0, clients - 1) .. "/predictions"
+  return wrk.format("POST", path, {["Content-Type"] = "application/json"}, body)
+end
