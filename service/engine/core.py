@@ -1,0 +1,168 @@
+"""The batched engine behind ``service.engine``'s interface.
+
+Request threads call ``submit_adapt`` / ``submit_predict``: the job is validated there
+(bad input raises ``InvalidInput`` at once), then queued; a full queue raises
+``Unavailable`` at once. The
+device worker runs queued jobs as micro-batches and completes their futures, which sync
+code waits on with ``.result()`` and asyncio with ``asyncio.wrap_future``. Prediction
+params come from the device cache; on a miss the submitting thread calls ``params()``
+(the database read), so I/O never stalls the device worker.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, fields, replace
+
+from models.batched import Path
+from models.checkpoint import MetaModel
+from models.params import from_bytes
+from service.engine.batcher import Batcher, DeadlineExceeded, Job
+from service.engine.cache import CacheStats, ParamsCache
+from service.engine.worker import (
+    Adapted,
+    AdaptJob,
+    DeviceWorker,
+    ModelRunner,
+    PredictWork,
+    WorkerStats,
+    resolve_device,
+)
+from service.errors import InvalidInput, Unavailable
+
+__all__ = ["AdaptJob", "Adapted", "DeadlineExceeded", "Engine", "EngineConfig", "EngineStats"]
+
+log = logging.getLogger(__name__)
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
+    max_batch_size: int = 256  # most jobs in one batch (Triton's max_batch_size)
+    max_batch_delay_ms: float = 2.0  # most a batch of concurrent jobs waits to fill
+    queue_size: int = 1024  # jobs pending before submits are refused with Unavailable
+    cache_bytes: int = 256 * MiB  # adapted params kept on the device
+    job_timeout_s: float = 30.0  # a job not started by then fails with DeadlineExceeded
+    threads: int = 1  # torch intra-op threads; 1 measured best on a shared 2-core machine
+    path: Path = "auto"  # kernel: "auto" (bmm for MLPs, else vmap), "vmap", "bmm" (MLPs only)
+    freeze_gc: bool = True  # after warm-up, move the start-up heap out of the collector's way
+
+    @classmethod
+    def of(cls, settings: object) -> EngineConfig:
+        """The engine's part of any settings object (the service's ``Settings``)."""
+        names = [f.name for f in fields(cls)]
+        return cls(**{n: getattr(settings, n) for n in names if hasattr(settings, n)})
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    worker: WorkerStats  # batches and jobs run, batch sizes
+    cache: CacheStats  # hits, misses, evictions, bytes
+    queued: int  # jobs waiting now
+    rejected: int  # submits refused because the queue was full
+    expired: int  # jobs failed with DeadlineExceeded
+
+
+class Engine:
+    def __init__(self, meta_models: Mapping[str, MetaModel], settings: object) -> None:
+        config = settings if isinstance(settings, EngineConfig) else EngineConfig.of(settings)
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.runners = {
+            name: ModelRunner(meta_model, self.device, config.path)
+            for name, meta_model in meta_models.items()
+        }
+        self.cache = ParamsCache(config.cache_bytes)
+        self.batcher = Batcher(
+            max_batch_size=config.max_batch_size,
+            max_batch_delay_s=config.max_batch_delay_ms / 1000.0,
+            queue_size=config.queue_size,
+        )
+        self.worker = DeviceWorker(self.batcher, self.runners, self.cache, threads=config.threads)
+        self._started = False
+
+    # -- life cycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        """Warm up every meta-model on the device, then serve. Jobs submitted before
+        ``start`` wait in the queue."""
+        if self._started:
+            return
+        self.worker.start()
+        self._started = True
+        if self.config.freeze_gc:
+            # torch alone leaves ~300k objects that every full collection would rescan;
+            # per-job allocations trigger those often enough to triple a job's overhead.
+            gc.collect()
+            gc.freeze()
+        paths = {name: runner.batched.path for name, runner in self.runners.items()}
+        log.info("engine on %s, %d thread(s), kernels %s", self.device, self.config.threads, paths)
+
+    def stop(self) -> None:
+        """Refuse new jobs, finish the queued ones, then stop."""
+        self.batcher.close()
+        if self._started:
+            self.worker.join()
+        self.batcher.fail_all(Unavailable("the engine stopped", 1.0))
+
+    # -- jobs --------------------------------------------------------------------------------
+    def submit_adapt(self, job: AdaptJob) -> Future[Adapted]:
+        runner = self._runner(job.meta_model)
+        work = runner.adapt_work(job)
+        queued = Job(runner.adapt_group(work), work, self._deadline())
+        self.batcher.put(queued)
+        return queued.future
+
+    def submit_predict(
+        self,
+        meta_model: str,
+        key: tuple[str, str, int],
+        params: Callable[[], bytes],
+        inputs: list[list[float]],
+    ) -> Future[list[list[float]]]:
+        """Outputs (Q, O) of client version ``key`` on ``inputs``. On a cache miss,
+        ``params()`` (the stored safetensors) runs in this thread, and its errors raise
+        here; the device worker then caches the params."""
+        runner = self._runner(meta_model)
+        rows = runner.inputs(inputs, "inputs")  # (Q, D), checked
+        fast = self.cache.get(key)
+        ticket = None
+        if fast is None:
+            self.batcher.reserve()  # a full queue refuses before the database is read
+            try:
+                ticket = self.cache.ticket()  # a forget() from now on keeps it uncached
+                fast = runner.fast_params(from_bytes(params()))  # CPU tensors
+            except BaseException:
+                self.batcher.release()
+                raise
+        job = Job((runner.name, "predict"), PredictWork(rows, fast, key, ticket), self._deadline())
+        self.batcher.put(job, reserved=ticket is not None)
+        return job.future
+
+    def forget(self, tenant_id: str, client_id: str) -> None:
+        """Never serve any cached version of this client again (call after the delete)."""
+        self.cache.forget(tenant_id, client_id)
+
+    def stats(self) -> EngineStats:
+        live = self.worker.stats
+        return EngineStats(
+            worker=replace(live, batch_sizes=dict(live.batch_sizes)),  # a snapshot
+            cache=self.cache.stats(),
+            queued=len(self.batcher),
+            rejected=self.batcher.rejected,
+            expired=self.batcher.expired,
+        )
+
+    # -- internals ---------------------------------------------------------------------------
+    def _runner(self, name: str) -> ModelRunner:
+        try:
+            return self.runners[name]
+        except KeyError:
+            raise InvalidInput("meta_model", f"unknown meta-model {name!r}") from None
+
+    def _deadline(self) -> float:
+        return time.monotonic() + self.config.job_timeout_s
