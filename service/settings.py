@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=4 * MiB, ge=1024, description="Largest request body, in bytes."
     )
+    max_image_pixels: int = Field(
+        default=4_000_000, ge=1, description="Most pixels in one uploaded image (413 above)."
+    )
     min_inner_steps: int = Field(
         default=1, ge=1, description="Smallest inner_steps a request may ask."
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TypeVar
@@ -18,9 +18,12 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from models.checkpoint import MetaModel
+from models.tasks import image_preprocess
+from service import inputs as parse
 from service import validation
 from service.engine import AdaptJob, Engine
 from service.errors import Conflict, InvalidInput, NotFound, Unavailable
+from service.inputs import Label, RawInput
 from service.settings import Settings
 from service.store import repository
 from service.store.tables import DEFAULT_TENANT as DEFAULT_TENANT  # the API's tenant, for now
@@ -43,13 +46,22 @@ class MetaModelInfo:
     first_order: bool
     adapt: str
     learned_lr: str
+    max_way: int | None  # classification: the most labels one client may use
+    accepts_images: bool  # inputs may be base64 PNG/JPEG
+
+
+@dataclass(frozen=True)
+class LabelPrediction:
+    label: Label  # the most probable of the client's labels
+    probabilities: dict[str, float]  # every label of the client (as text): p
 
 
 @dataclass(frozen=True)
 class Prediction:
     client_id: str
     version: int
-    predictions: list[float] | list[list[float]]  # one float per input for a single output
+    # one float per input for a single output; a LabelPrediction per input for classification
+    predictions: list[float] | list[list[float]] | list[LabelPrediction]
 
 
 # -- meta-models -----------------------------------------------------------------------------
@@ -67,6 +79,8 @@ def describe(model: MetaModel) -> MetaModelInfo:
         first_order=inner.first_order,
         adapt=inner.adapt,
         learned_lr=inner.learned_lr,
+        max_way=config.task.get("max_way"),
+        accepts_images=image_preprocess(config.family) is not None,
     )
 
 
@@ -90,16 +104,18 @@ def adapt(
     tenant_id: str,
     client_id: str,
     meta_model: str,
-    inputs: list[list[float]],
-    targets: list[float],
+    inputs: Sequence[RawInput],
+    targets: Sequence[float | str],
     inner_steps: int | None = None,
     inner_lr: float | None = None,
 ) -> ClientVersion:
     """Adapt the meta-model to the support set and store the result as the next version."""
     model = validation.meta_model(meta_models, meta_model)
-    validation.support(model, inputs, targets, settings)
+    validation.support(inputs, targets, settings)
     validation.inner(model, inner_steps, inner_lr, settings)
-    job = AdaptJob(model.name, inputs, targets, inner_steps, inner_lr)
+    x = parse.rows(model, inputs, field="support.inputs", settings=settings)
+    y, labels = parse.targets(model, targets)
+    job = AdaptJob(model.name, x, y, inner_steps, inner_lr)
     adapted = _wait(engine.submit_adapt(job), settings)
     if not (math.isfinite(adapted.loss_before) and math.isfinite(adapted.loss_after)):
         raise InvalidInput(
@@ -121,6 +137,7 @@ def adapt(
         support_loss_before=adapted.loss_before,
         support_loss_after=adapted.loss_after,
         adapt_ms=adapted.adapt_ms,
+        labels=labels,
         created_at=utcnow(),
     )
     try:
@@ -140,7 +157,7 @@ def predict(
     settings: Settings,
     tenant_id: str,
     client_id: str,
-    inputs: list[list[float]],
+    inputs: Sequence[RawInput],
     version: int | None = None,
     field: str = "inputs",
 ) -> Prediction:
@@ -158,7 +175,8 @@ def predict(
             f"client {client_id!r} version {row.version} was adapted from meta-model "
             f"{row.meta_model}@{row.meta_model_version[:12]}, which is {loaded}; adapt it again"
         )
-    validation.rows(model, inputs, field)
+    x = parse.rows(model, inputs, field=field, settings=settings)
+    labels = row.labels
     number = row.version
     session.close()  # no connection is held while the engine works; params() reads afresh
 
@@ -170,11 +188,13 @@ def predict(
             raise NotFound(f"unknown client {client_id!r}")
         return data
 
-    future = engine.submit_predict(model.name, (tenant_id, client_id, number), params, inputs)
+    future = engine.submit_predict(model.name, (tenant_id, client_id, number), params, x)
     session.close()
     outputs = _wait(future, settings)
     if not validation.all_finite(outputs):
         raise InvalidInput(field, "the predictions are not finite for these inputs")
+    if labels is not None:
+        return Prediction(client_id, number, [classify(out, labels) for out in outputs])
     single = all(len(out) == 1 for out in outputs)
     return Prediction(client_id, number, [out[0] for out in outputs] if single else outputs)
 
@@ -204,6 +224,16 @@ def check_ready(*, session: Session, meta_models: MetaModels) -> None:
 
 
 # -- helpers ---------------------------------------------------------------------------------
+def classify(logits: list[float], labels: list[Label]) -> LabelPrediction:
+    """Softmax over the outputs the client's labels use (the first len(labels))."""
+    used = logits[: len(labels)]
+    top = max(used)
+    weights = [math.exp(v - top) for v in used]
+    total = sum(weights)
+    probabilities = {str(label): w / total for label, w in zip(labels, weights, strict=True)}
+    return LabelPrediction(labels[used.index(top)], probabilities)
+
+
 def _wait(future: Future[T], settings: Settings) -> T:
     try:
         return future.result(timeout=settings.job_timeout_s)

@@ -7,7 +7,7 @@ meta-model or the configured limits.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sized
 
 from models.checkpoint import MetaModel
 from service.errors import InvalidInput, TooLarge
@@ -21,10 +21,8 @@ def meta_model(meta_models: Mapping[str, MetaModel], name: str) -> MetaModel:
     return meta_models[name]
 
 
-def support(
-    model: MetaModel, inputs: list[list[float]], targets: list[float], settings: Settings
-) -> None:
-    if not inputs:
+def support(inputs: Sized, targets: Sized, settings: Settings) -> None:
+    if not len(inputs):
         raise InvalidInput("support.inputs", "the support set is empty")
     if len(inputs) > settings.max_support:
         raise TooLarge(
@@ -34,28 +32,15 @@ def support(
         raise InvalidInput(
             "support.targets", f"{len(targets)} targets for {len(inputs)} inputs; one each"
         )
-    rows(model, inputs, "support.inputs")
 
 
-def batch(inputs: list[list[float]], settings: Settings, field: str) -> None:
+def batch(inputs: Sized, settings: Settings, field: str) -> None:
     if not inputs:
         raise InvalidInput(field, "no inputs to predict")
     if len(inputs) > settings.max_predict_batch:
         raise TooLarge(
             f"{field}: {len(inputs)} inputs exceed the limit of {settings.max_predict_batch}"
         )
-
-
-def rows(model: MetaModel, inputs: list[list[float]], field: str) -> None:
-    """Every input has exactly prod(input_shape) values."""
-    shape = list(model.config.input_shape)
-    width = math.prod(shape)
-    for i, row in enumerate(inputs):
-        if len(row) != width:
-            raise InvalidInput(
-                f"{field}[{i}]",
-                f"expected {width} value(s) per input (input shape {shape}), got {len(row)}",
-            )
 
 
 def inner(model: MetaModel, steps: int | None, lr: float | None, settings: Settings) -> None:

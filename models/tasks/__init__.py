@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 from torch import Tensor
 
 
@@ -22,3 +25,16 @@ class Episode:
         return Episode(
             *(t.to(device) for t in (self.xs, self.ys, self.ws, self.xq, self.yq, self.wq))
         )
+
+
+IMAGE_FAMILIES = ("omniglot",)
+
+
+def image_preprocess(family: str) -> Callable[[np.ndarray], Tensor] | None:
+    """The function that turns a grayscale (H, W) uint8 image of any size into one model
+    input, exactly as in training; None for families whose inputs are not images."""
+    if family not in IMAGE_FAMILIES:
+        return None
+    module = importlib.import_module(f"models.tasks.{family}")
+    preprocess: Callable[[np.ndarray], Tensor] = module.preprocess
+    return preprocess

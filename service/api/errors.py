@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from service.api.schemas import UNION_TAGS
 from service.errors import FastAdaptError, InvalidInput, Unavailable, error_body, status_of
 
 log = logging.getLogger(__name__)
@@ -75,5 +76,7 @@ def _field(loc: Sequence[int | str]) -> str:
         parts = parts[1:]
     name = ""
     for part in parts:
+        if part in UNION_TAGS:  # which branch of an input/target union; not a field
+            continue
         name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
     return name or "body"

@@ -3,15 +3,47 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictInt, StrictStr, Tag
 
 # A JSON number: no strings, no booleans, no NaN or infinity (Python's json accepts them).
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 # A number in a query string (the text "1.5" is fine there; "nan" and "inf" are not).
 QueryNumber = Annotated[float, Field(allow_inf_nan=False)]
 Count = Annotated[int, Field(strict=True)]
+
+
+def _input_kind(value: Any) -> str:
+    if isinstance(value, str):
+        return "image"
+    return "array" if isinstance(value, list) and value and isinstance(value[0], list) else "row"
+
+
+def _target_kind(value: Any) -> str:
+    if isinstance(value, str):
+        return "label"
+    return "integer" if isinstance(value, int) and not isinstance(value, bool) else "number"
+
+
+# One input: a row of D numbers, an array of the meta-model's (C, H, W) input shape, or a
+# base64-encoded PNG/JPEG for image meta-models. The tags only pick the branch whose
+# errors are reported; api/errors.py leaves them out of field names.
+Input = Annotated[
+    Annotated[list[Number], Tag("row")]
+    | Annotated[list[list[list[Number]]], Tag("array")]
+    | Annotated[str, Tag("image")],
+    Discriminator(_input_kind),
+]
+# A target: a number (regression) or a class label, any string or integer (classification).
+Target = Annotated[
+    Annotated[StrictInt, Tag("integer")]
+    | Annotated[Number, Tag("number")]
+    | Annotated[StrictStr, Tag("label")],
+    Discriminator(_target_kind),
+]
+UNION_TAGS = frozenset({"row", "array", "image", "integer", "number", "label"})
+Label = StrictInt | StrictStr
 MAX_VERSION = 2**31 - 1  # the INTEGER column's range
 
 
@@ -24,8 +56,12 @@ class Response(BaseModel):
 
 
 class SupportSet(Request):
-    inputs: list[list[Number]] = Field(description="(K, D) inputs, D values each.")
-    targets: list[Number] = Field(description="(K,) targets, one per input.")
+    inputs: list[Input] = Field(
+        description="(K, ...) inputs: D numbers each, arrays of the input shape, or base64 images."
+    )
+    targets: list[Target] = Field(
+        description="(K,) targets: numbers (regression) or labels, strings or integers."
+    )
 
 
 class AdaptRequest(Request):
@@ -59,20 +95,31 @@ class AdaptResponse(Response):
     support_loss_before: float
     support_loss_after: float
     adapt_ms: float
+    labels: list[Label] | None = Field(
+        None, description="Classification: the client's labels, in output order."
+    )
 
 
 class PredictionRequest(Request):
-    inputs: list[list[Number]] = Field(description="(Q, D) inputs, D values each.")
+    inputs: list[Input] = Field(
+        description="(Q, ...) inputs: D numbers each, arrays of the input shape, or base64 images."
+    )
     version: Annotated[int, Field(strict=True, ge=1, le=MAX_VERSION)] | None = Field(
         None, description="Default: the current version."
     )
 
 
+class ClassPrediction(Response):
+    label: Label
+    probabilities: dict[str, float] = Field(description="Every label of the client: p.")
+
+
 class PredictionResponse(Response):
     client_id: str
     version: int
-    predictions: list[float] | list[list[float]] = Field(
-        description="One float per input for single-output regression."
+    predictions: list[float] | list[list[float]] | list[ClassPrediction] = Field(
+        description="One float per input for single-output regression; a label with "
+        "probabilities per input for classification."
     )
 
 
@@ -86,6 +133,7 @@ class VersionResponse(Response):
     support_loss_before: float
     support_loss_after: float
     adapt_ms: float
+    labels: list[Label] | None = None
     created_at: datetime
 
 
@@ -108,6 +156,8 @@ class MetaModelResponse(Response):
     first_order: bool
     adapt: str = Field(description='"all" parameters (MAML) or the "head" (ANIL).')
     learned_lr: str = Field(description='"none", "per_param" (Meta-SGD), "per_layer_per_step".')
+    max_way: int | None = Field(description="Classification: the most labels one client may use.")
+    accepts_images: bool = Field(description="Inputs may be base64 PNG/JPEG images.")
 
 
 class MetaModelList(Response):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from sqlalchemy import (
+    JSON,
     DateTime,
     Dialect,
     Float,
@@ -102,6 +103,8 @@ class ClientVersion(Base):
     support_loss_before: Mapped[float] = mapped_column(Float)
     support_loss_after: Mapped[float] = mapped_column(Float)
     adapt_ms: Mapped[float] = mapped_column(Float)
+    # classification: the client's labels in output order (output i predicts labels[i])
+    labels: Mapped[list[int | str] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     client: Mapped[Client] = relationship(back_populates="versions")

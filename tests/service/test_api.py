@@ -76,6 +76,8 @@ def test_meta_models_are_described(api: TestClient, sinusoid: MetaModel) -> None
         "first_order": False,
         "adapt": "all",
         "learned_lr": "none",
+        "max_way": None,
+        "accepts_images": False,
     }
     learned = api.get("/v1/meta-models/sinusoid-metasgd").json()
     assert learned["inner_lr"] is None and learned["learned_lr"] == "per_param"
