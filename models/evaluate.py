@@ -148,8 +148,15 @@ def evaluate_tabular(argv: Sequence[str]) -> None:
         )
 
 
+def evaluate_omniglot(argv: Sequence[str]) -> None:
+    from models import evaluate_omniglot as omniglot
+
+    omniglot.main(list(argv))
+
+
 FAMILIES: dict[str, Callable[[Sequence[str]], None]] = {
     "sinusoid": evaluate_sinusoid,
+    "omniglot": evaluate_omniglot,
     "tabular": evaluate_tabular,
 }
 

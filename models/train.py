@@ -534,8 +534,15 @@ def common_config(args: argparse.Namespace) -> MetaTrainConfig:
     )
 
 
+def train_omniglot(argv: Sequence[str]) -> None:
+    from models import pretrain  # the image recipe: supervised body, then ANIL meta-training
+
+    pretrain.main(list(argv))
+
+
 FAMILIES: dict[str, Callable[[Sequence[str]], None]] = {
     "sinusoid": train_sinusoid,
+    "omniglot": train_omniglot,
     "tabular": train_tabular,
 }
 
