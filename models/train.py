@@ -378,14 +378,7 @@ def train_sinusoid(argv: Sequence[str]) -> None:
         validate=validate if rank.main else None,
         selection=Selection("val-mse@5"),
     )
-    started = time.perf_counter()
-    trainer.run(resume=args.resume)
-    if rank.main:
-        params_out, lrs_out = trainer.final()
-        minutes = (time.perf_counter() - started) / 60
-        config.training["minutes"] = round(minutes, 1)
-        version = MetaModel(config, params_out, lrs_out, version="").save(args.out)
-        print(f"wrote {args.out} (version {version[:12]}, {minutes:.1f} min)", file=sys.stderr)
+    run_and_save(trainer, config, args)
 
 
 def train_tabular(argv: Sequence[str]) -> None:
@@ -469,6 +462,7 @@ def train_tabular(argv: Sequence[str]) -> None:
         score = tabular_scores(probe, held_out, shots=shots[1], tasks=100, seed=10_000)
         return {"val-" + score.metric: score.adapted[0]}
 
+    metric = "val-" + ("mse" if table.regression else "accuracy")
     trainer = MetaTrainer(
         learner,
         params,
@@ -478,15 +472,21 @@ def train_tabular(argv: Sequence[str]) -> None:
         device=device,
         rank=rank,
         validate=validate if rank.main else None,
-        selection=Selection(
-            "val-" + ("mse" if table.regression else "accuracy"), maximize=not table.regression
-        ),
+        selection=Selection(metric, maximize=not table.regression),
     )
+    run_and_save(trainer, config, args)
+
+
+def run_and_save(trainer: MetaTrainer, config: ArtifactConfig, args: argparse.Namespace) -> None:
+    """Train (or resume), then write the artifact from the best validated weights."""
+    started = time.perf_counter()
     trainer.run(resume=args.resume)
-    if rank.main:
-        params_out, lrs_out = trainer.final()
-        version = MetaModel(config, params_out, lrs_out, version="").save(args.out)
-        print(f"wrote {args.out} (version {version[:12]})", file=sys.stderr)
+    if trainer.rank.main:
+        params, lrs = trainer.final()
+        minutes = (time.perf_counter() - started) / 60
+        config.training["minutes"] = round(minutes, 1)
+        version = MetaModel(config, params, lrs, version="").save(args.out)
+        print(f"wrote {args.out} (version {version[:12]}, {minutes:.1f} min)", file=sys.stderr)
 
 
 def add_common_arguments(p: argparse.ArgumentParser, defaults: MetaTrainConfig) -> None:
