@@ -74,6 +74,18 @@ class AdaptResult(NamedTuple):
     loss_after: Tensor  # support loss after the last step
 
 
+class _Features(nn.Module):
+    """A net whose input is already the body's features: ``head`` alone."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.body = nn.Identity()
+        self.head = head
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.head(h)
+
+
 class Learner:
     """A net, its loss and its inner-loop configuration, as pure functions of parameters."""
 
@@ -123,6 +135,14 @@ class Learner:
         if self.inner.adapt == "head":
             return functional_call(self.net.get_submodule("head"), select(fast, "head"), (h,))
         return functional_call(self.net, {**frozen, **fast}, (h,))
+
+    def on_features(self) -> Learner:
+        """The head-only learner on precomputed body features (ANIL): meta-training runs
+        the frozen body once over a whole meta-batch, outside ``vmap``, and adapts heads
+        from its features. Its parameters are the ``head.*`` entries alone."""
+        if self.inner.adapt != "head":
+            raise ValueError("only head-only adaptation runs on features")
+        return Learner(_Features(self.net.get_submodule("head")), self.loss, self.inner)
 
     def predict(self, params: Params, fast: Params, x: Tensor) -> Tensor:
         """Outputs of the adapted model for one task: x (Q, ...) -> (Q, O)."""

@@ -113,6 +113,14 @@ def task_losses(
 ) -> Tensor:
     """Query loss after adaptation, one per task: (B,). ``weights`` gives MAML++'s
     multi-step loss (query loss after every inner step, weighted)."""
+    if learner.inner.adapt == "head":  # ANIL: the body once for all tasks, outside vmap
+        fast, frozen = learner.split(params)
+
+        def body(x: Tensor) -> Tensor:  # (B, N, ...) -> (B, N, F)
+            return learner.features(frozen, x.flatten(0, 1)).unflatten(0, x.shape[:2])
+
+        ep = Episode(body(ep.xs), ep.ys, ep.ws, body(ep.xq), ep.yq, ep.wq)
+        learner, params = learner.on_features(), fast
 
     def one(xs: Tensor, ys: Tensor, ws: Tensor, xq: Tensor, yq: Tensor, wq: Tensor) -> Tensor:
         if weights is None or len(weights) <= 1:

@@ -16,7 +16,7 @@ from models.maml import InnerLoopConfig, Learner, mse_loss
 from models.nets import MLP
 from models.params import Params
 from models.tasks import Episode, sinusoid
-from models.train import MetaTrainConfig, MetaTrainer, Selection, step_weights
+from models.train import MetaTrainConfig, MetaTrainer, Selection, step_weights, task_losses
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[2]
@@ -125,3 +125,21 @@ def test_ships_the_best_validated_weights(tmp_path: Path) -> None:
     assert not torch.equal(best["head.weight"], t.detached()[0]["head.weight"])
     assert Selection("acc", maximize=True).better(0.9, 0.8)
     assert not Selection("mse").better(float("nan"), None)
+
+
+def test_anil_runs_the_body_once_with_the_same_losses_and_gradients() -> None:
+    torch.manual_seed(0)
+    net = MLP(1, (40, 40), 1)
+    learner = Learner(net, mse_loss, InnerLoopConfig(steps=3, lr=0.1, adapt="head"))
+    params = {n: p.detach().clone().requires_grad_() for n, p in net.named_parameters()}
+    ep = sinusoid.sample(torch.Generator().manual_seed(1), 4, 3, 8, 6)
+    hoisted = task_losses(learner, params, {}, ep, create_graph=True)
+    looped = []
+    for i in range(4):
+        fast = learner.adapt(params, {}, ep.xs[i], ep.ys[i], ep.ws[i], create_graph=True).fast
+        looped.append(mse_loss(learner.predict(params, fast, ep.xq[i]), ep.yq[i], ep.wq[i]))
+    torch.testing.assert_close(hoisted, torch.stack(looped))
+    ours = torch.autograd.grad(hoisted.sum(), list(params.values()))
+    theirs = torch.autograd.grad(torch.stack(looped).sum(), list(params.values()))
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b)
