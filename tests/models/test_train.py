@@ -80,14 +80,15 @@ def run_cli(out: Path, *launcher: str) -> Params:
     flags = "--iterations 4 --meta-batch 4 --validate-every 4 --inner-steps 2 --seed 3 --device cpu"
     args = ["sinusoid", "--out", str(out), *flags.split()]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(
+    done = subprocess.run(
         [*launcher, "-m", "models.train", *args],
-        check=True,
         cwd=ROOT,
         env=env,
         capture_output=True,
-        timeout=240,
+        text=True,
+        timeout=600,
     )
+    assert done.returncode == 0, done.stderr[-3000:]
     meta = MetaModel.load(out)
     return meta.params | {f"lr.{n}": t for n, t in meta.lrs.items()}
 
