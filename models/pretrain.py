@@ -4,6 +4,15 @@ Stage 1 (``epochs``): the Conv4 body learns to classify every training character
 rotation (812 classes) with a cosine classifier, label smoothing, small random affine
 warps and a cosine-annealed learning rate. The classifier is thrown away afterwards.
 
+Optional stage 1b (``proto_episodes``): the served body (its configured readout) is
+fine-tuned as a prototypical network (Snell et al. 2017) on 20..60-way 1..5-shot
+episodes of the training classes, with the same augmentation: a query's logits are a
+learned scale times the dot products of its unit features with the class means of the
+support features. A zero-initialised head's first inner step is such a prototype
+classifier (up to a term common to all classes), so these features suit the ANIL inner
+loop. ``--init DIR`` starts
+the body from an existing artifact's body instead of stage 1 (then ``--epochs 0``).
+
 Stage 2 (``iterations``): ANIL meta-training through the served inner loop
 (``models.maml.Learner``, head-only, second order): the head starts at zero (so no class
 is favoured before it has examples), the per-step inner rates are learned (MAML++ style)
@@ -57,6 +66,14 @@ class RecipeConfig:
     shift: float = 0.1  # affine augmentation: translation (fraction of half-width)
     zoom: float = 0.1  # ... zoom 1 +- zoom
     rotate: float = 0.17  # ... rotation +- radians (about 10 degrees)
+    # stage 1b: prototypical-network fine-tuning of the served body (0 episodes: skipped)
+    proto_episodes: int = 0
+    proto_lr: float = 5e-4  # Adam, cosine-annealed to 0
+    proto_min_way: int = 20
+    proto_max_way: int = 60
+    proto_queries: int = 5  # query images per class
+    proto_scale: float = 10.0  # initial temperature (learned)
+    init: str | None = None  # start the body from this artifact's body (skip stage 1)
     # stage 2: ANIL meta-training
     iterations: int = 400  # meta-iterations
     meta_batch: int = 4  # tasks per meta-iteration
@@ -160,6 +177,12 @@ class Trainer:
         )
         body_params = [p for n, p in self.net.named_parameters() if n.startswith("body.")]
         self.opt1 = torch.optim.Adam([*body_params, self.classifier], lr=cfg.lr)
+        if cfg.init is not None:
+            self.init_body(cfg.init)
+        self.log_scale = torch.nn.Parameter(
+            torch.tensor(math.log(cfg.proto_scale), device=self.device)
+        )
+        self.opt_p = torch.optim.Adam([*body_params, self.log_scale], lr=cfg.proto_lr)
         self.served = cast(nets.Conv4, nets.build(architecture(cfg)).to(self.device))
         for i, module in enumerate(self.served.body):
             if isinstance(module, torch.nn.Conv2d | torch.nn.GroupNorm):
@@ -182,7 +205,9 @@ class Trainer:
         self.images = self.train.images.reshape(-1, *omniglot.INPUT_SHAPE)  # (C*20, 1, 28, 28)
         self.labels = torch.arange(self.train.classes).repeat_interleave(self.train.images.shape[1])
         self.steps_per_epoch = self.images.shape[0] // cfg.batch
-        self.total = cfg.epochs * self.steps_per_epoch + cfg.iterations
+        self.stage1 = cfg.epochs * self.steps_per_epoch
+        self.stage1b = self.stage1 + cfg.proto_episodes
+        self.total = self.stage1b + cfg.iterations
         self.done = 0
         self.t0 = time.perf_counter()
         self.elapsed_before = 0.0
@@ -193,8 +218,10 @@ class Trainer:
             "done": self.done,
             "net": self.net.state_dict(),
             "classifier": self.classifier.detach(),
+            "log_scale": self.log_scale.detach(),
             "lrs": {n: t.detach() for n, t in self.lrs.items()},
             "opt1": self.opt1.state_dict(),
+            "opt_p": self.opt_p.state_dict(),
             "opt2": self.opt2.state_dict(),
             "generator": self.g.get_state(),
             "elapsed_s": self.elapsed(),
@@ -211,11 +238,13 @@ class Trainer:
         self.net.load_state_dict(state["net"])
         with torch.no_grad():
             self.classifier.copy_(state["classifier"])
-            if self.done > self.cfg.epochs * self.steps_per_epoch:  # stage 2 had started
+            self.log_scale.copy_(state["log_scale"])
+            if self.done > self.stage1b:  # stage 2 had started
                 for n, t in self.lrs.items():
                     t.copy_(state["lrs"][n])
                 self.opt2.load_state_dict(state["opt2"])
         self.opt1.load_state_dict(state["opt1"])
+        self.opt_p.load_state_dict(state["opt_p"])
         self.g.set_state(state["generator"])
         self.elapsed_before = float(state["elapsed_s"])
 
@@ -232,6 +261,24 @@ class Trainer:
             writer.writerow({**row, "elapsed_s": f"{self.elapsed():.1f}"})
 
     # -- helpers -------------------------------------------------------------------------
+    def init_body(self, directory: str) -> None:
+        """Copy an artifact's body into the net (same architecture required)."""
+        source = MetaModel.load(directory)
+        if source.config.architecture != architecture(self.cfg):
+            raise ValueError(
+                f"{directory}: architecture {source.config.architecture} "
+                f"!= {architecture(self.cfg)}"
+            )
+        body = {n: t for n, t in source.params.items() if n.startswith("body.")}
+        own = {n for n, _ in self.net.named_parameters() if n.startswith("body.")}
+        if set(body) != own:
+            raise ValueError(f"{directory}: body parameters {sorted(body)} != {sorted(own)}")
+        with torch.no_grad():
+            for n, p in self.net.named_parameters():
+                if n in body:
+                    p.copy_(body[n].to(self.device))
+        self.training["init"] = {"artifact": directory, "sha256": source.version}
+
     def model(self, learned: bool) -> MetaModel:
         body: Params = {n: p for n, p in self.net.named_parameters() if n.startswith("body.")}
         lrs = {n: t.detach() for n, t in self.lrs.items()} if learned else {}
@@ -258,6 +305,26 @@ class Trainer:
         loss.backward()
         self.opt1.step()
         return float(loss.detach()), float((logits.argmax(-1) == y).float().mean())
+
+    # -- stage 1b ------------------------------------------------------------------------
+    def proto_step(self, lr: float) -> tuple[float, float]:
+        c = self.cfg
+        for group in self.opt_p.param_groups:
+            group["lr"] = lr
+        way = int(torch.randint(c.proto_min_way, c.proto_max_way + 1, (1,), generator=self.g))
+        shot = int(torch.randint(1, c.max_train_shot + 1, (1,), generator=self.g))
+        ep = omniglot.sample(self.g, self.train, 1, way, shot, c.proto_queries)
+        x = self.augment(torch.cat([ep.xs[0], ep.xq[0]]))  # (N*K + N*Q, 1, 28, 28)
+        yq = ep.yq[0].to(self.device)  # (N*Q,)
+        feats = self.served.body(x)  # (N*K + N*Q, D), unit length
+        support, query = feats[: way * shot], feats[way * shot :]
+        protos = support.reshape(way, shot, -1).mean(1)  # (N, D): labels are class-major
+        logits = self.log_scale.exp() * query @ protos.T  # (N*Q, N)
+        loss = F.cross_entropy(logits, yq)
+        self.opt_p.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_p.step()
+        return float(loss.detach()), float((logits.argmax(-1) == yq).float().mean())
 
     # -- stage 2 -------------------------------------------------------------------------
     def meta_step(self, lr: float) -> tuple[float, float]:
@@ -288,7 +355,7 @@ class Trainer:
         if self.args.resume and (self.out / CHECKPOINT).exists():
             self.load_checkpoint()
         progress = Progress(self.total, start=self.done)
-        stage1 = c.epochs * self.steps_per_epoch
+        stage1 = self.stage1
         val = float("nan")
         images = self.images.to(self.device)
         labels = self.labels.to(self.device)
@@ -320,8 +387,30 @@ class Trainer:
         if c.epochs > 0 and not (self.out / "stage1" / "config.json").exists():
             self.model(learned=False).save(self.out / "stage1")  # the pre-trained body alone
         window: list[tuple[float, float]] = []
+        while self.done < self.stage1b:
+            episode = self.done - stage1
+            lr = 0.5 * c.proto_lr * (1 + math.cos(math.pi * episode / c.proto_episodes))
+            window.append(self.proto_step(lr))
+            self.done += 1
+            progress.update(self.done, loss=window[-1][0], acc=window[-1][1], val_acc=val)
+            if (episode + 1) % (40 * c.val_every) == 0 or self.done == self.stage1b:
+                val = self.validate(learned=False)
+                print(f"\nproto scale {self.log_scale.exp().item():.2f}", file=sys.stderr)
+                self.log(
+                    stage="1b",
+                    step=self.done,
+                    loss=f"{sum(w[0] for w in window) / len(window):.4f}",
+                    train_acc=f"{sum(w[1] for w in window) / len(window):.4f}",
+                    val_acc=f"{val:.4f}",
+                    lr=f"{lr:.6f}",
+                )
+                window = []
+                self.save_checkpoint()
+        if c.proto_episodes > 0 and not (self.out / "stage1b" / "config.json").exists():
+            self.model(learned=False).save(self.out / "stage1b")  # the prototype-tuned body
+        window = []
         while self.done < self.total:
-            it = self.done - stage1
+            it = self.done - self.stage1b
             lr = 0.5 * c.meta_lr * (1 + math.cos(math.pi * it / max(c.iterations, 1)))
             window.append(self.meta_step(lr))
             self.done += 1
@@ -353,6 +442,17 @@ def parse(argv: list[str]) -> tuple[RecipeConfig, argparse.Namespace]:
     p.add_argument(
         "--iterations", type=int, default=base.iterations, help="stage 2 meta-iterations"
     )
+    p.add_argument(
+        "--proto-episodes",
+        type=int,
+        default=base.proto_episodes,
+        help="stage 1b: prototypical-network episodes (0: skip)",
+    )
+    p.add_argument("--proto-lr", type=float, default=base.proto_lr)
+    p.add_argument("--proto-min-way", type=int, default=base.proto_min_way)
+    p.add_argument("--proto-max-way", type=int, default=base.proto_max_way)
+    p.add_argument("--meta-lr", type=float, default=base.meta_lr, help="stage 2 body lr")
+    p.add_argument("--init", help="start the body from this artifact's body (use --epochs 0)")
     p.add_argument("--channels", type=int, default=base.channels)
     p.add_argument("--readout", choices=["pool", "map"], default=base.readout)
     p.add_argument("--shift", type=float, default=base.shift, help="augmentation: translation")
@@ -370,6 +470,12 @@ def parse(argv: list[str]) -> tuple[RecipeConfig, argparse.Namespace]:
         base,
         epochs=args.epochs,
         iterations=args.iterations,
+        proto_episodes=args.proto_episodes,
+        proto_lr=args.proto_lr,
+        proto_min_way=args.proto_min_way,
+        proto_max_way=args.proto_max_way,
+        meta_lr=args.meta_lr,
+        init=args.init,
         channels=args.channels,
         readout=args.readout,
         shift=args.shift,

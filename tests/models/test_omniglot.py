@@ -223,3 +223,30 @@ def test_training_recipe_smoke_and_resume(tmp_path: Path) -> None:
     assert (out / "metrics.csv").read_text().count("\n") == 2  # header + one validation row
     pretrain.main([*argv, "--resume"])  # already finished: resumes, trains nothing more
     assert MetaModel.load(out).version == model.version
+
+
+@needs_data
+def test_training_recipe_prototypical_stage_from_an_artifact(tmp_path: Path) -> None:
+    from models import pretrain
+
+    common = ["--data", str(DATA), "--val-tasks", "1", "--channels", "8", "--device", "cpu"]
+    first = tmp_path / "first"
+    pretrain.main([*common, "--out", str(first), "--epochs", "0", "--iterations", "0"])
+    start = MetaModel.load(first)
+    out = tmp_path / "proto"
+    argv = [*common, "--out", str(out), "--init", str(first), "--epochs", "0", "--seed", "4"]
+    argv += ["--proto-episodes", "2", "--proto-min-way", "5", "--proto-max-way", "8"]
+    argv += ["--iterations", "1"]
+    pretrain.main(argv)
+    model = MetaModel.load(out)
+    assert model.config.training["init"] == {"artifact": str(first), "sha256": start.version}
+    assert model.config.training["recipe"]["proto_episodes"] == 2
+    assert (out / "stage1b" / "config.json").exists()
+    tuned = MetaModel.load(out / "stage1b")
+    changed = [n for n in start.params if not torch.equal(start.params[n], tuned.params[n])]
+    assert any(n.startswith("body.") for n in changed)  # the episodes trained the body
+    assert float(model.params["head.weight"].abs().sum()) == 0.0
+    pretrain.main([*argv, "--resume"])  # already finished: trains nothing more
+    assert MetaModel.load(out).version == model.version
+    with pytest.raises(ValueError, match="architecture"):  # a body of another width
+        pretrain.main([*argv[:-2], "--channels", "16", "--out", str(tmp_path / "bad")])
