@@ -16,6 +16,7 @@ then the same for predictions (10 query points per request, params cached).
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import platform
 import queue
@@ -88,7 +89,7 @@ def loop_adapt(
     for _ in range(STEPS):  # adapt()
         loss = F.mse_loss(forward(fast, x), y)
         grads = torch.autograd.grad(loss, fast)
-        before = float(loss) if before is None else before
+        before = float(loss.detach()) if before is None else before
         if clip is not None:  # as torch.nn.utils.clip_grad_norm_
             norm = torch.stack([(g * g).sum() for g in grads]).sum().sqrt()
             grads = tuple(g * torch.clamp(clip / (norm + 1e-12), max=1.0) for g in grads)
@@ -160,6 +161,8 @@ def main() -> None:
     )
     engine = Engine({"sinusoid": meta}, config)
     engine.start()  # sets the process's torch threads, so the baseline runs with the same
+    gc.collect()  # as the service's lifespan does after start-up
+    gc.freeze()
     device = engine.device
     base = {n: t.to(device) for n, t in meta.params.items()}  # the baseline's meta-params
     pool = supports(max(4 * max(clients), 2048))  # one support set per job of a run

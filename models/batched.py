@@ -21,6 +21,7 @@ into one safetensors blob per client, byte-identical to ``params.to_bytes``.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeVar
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 
 from models.maml import AdaptResult, Learner, clip_norm, cross_entropy_loss, mse_loss
 from models.nets import MLP
-from models.params import Params, to_bytes
+from models.params import Params, from_bytes, to_bytes
 
 Path = Literal["auto", "bmm", "vmap"]
 Rate = Tensor | float
@@ -502,11 +503,15 @@ def _same(values: Sequence[T], what: str) -> T:
 
 # -- serialisation ---------------------------------------------------------------------------
 class BytesPacker:
-    """Stacked fast params -> one safetensors blob per client, in one copy.
+    """Stacked fast params -> one safetensors blob per client, in one copy; and back, to
+    one flat (P,) tensor per client.
 
     Every client of a meta-model has the same names, shapes and dtypes, hence the same
     safetensors header; the packer takes it from ``to_bytes`` once and appends each
     client's raw little-endian data in the header's order. Byte-identical to ``to_bytes``.
+    That data section, read back as one tensor, is the client's params flattened: the
+    form the engine caches (one tensor, not a dict of them: a seventh of the objects for
+    the garbage collector to scan, one allocation on the device).
     """
 
     def __init__(self, example: Params) -> None:
@@ -517,6 +522,36 @@ class BytesPacker:
         self.prefix = blob[: 8 + size]
         self.order = sorted(header, key=lambda n: header[n]["data_offsets"][0])
         self.shapes = {n: tuple(example[n].shape) for n in self.order}
+        self.dtypes = {n: example[n].dtype for n in self.order}
+        dtypes = set(self.dtypes.values())
+        self.dtype = dtypes.pop() if len(dtypes) == 1 else None  # flat form: one dtype only
+        self.numel = sum(example[n].numel() for n in self.order)  # P
+        self.nbytes = len(blob) - len(self.prefix)
+
+    def unpack(self, blob: bytes) -> Tensor:
+        """One client's safetensors -> its params flattened (P,) in this packer's order.
+        Raises ValueError for params of other names, shapes or dtypes."""
+        if self.dtype is None:
+            raise ValueError("flat params need a single dtype")
+        if len(blob) == len(self.prefix) + self.nbytes and blob.startswith(self.prefix):
+            data = bytearray(memoryview(blob)[len(self.prefix) :])  # a writable copy
+            return torch.frombuffer(data, dtype=self.dtype)
+        params = from_bytes(blob)  # the same params under another header layout
+        if {n: (tuple(t.shape), t.dtype) for n, t in params.items()} != {
+            n: (self.shapes[n], self.dtypes[n]) for n in self.order
+        }:
+            raise ValueError("the params' names, shapes or dtypes differ")
+        return torch.cat([params[n].reshape(-1) for n in self.order])
+
+    def unflatten(self, flat: Tensor) -> Params:
+        """(B, P) flat params -> (B, ...) per entry (views where the layout allows)."""
+        out: Params = {}
+        start = 0
+        for name in self.order:
+            size = math.prod(self.shapes[name])
+            out[name] = flat[:, start : start + size].reshape(len(flat), *self.shapes[name])
+            start += size
+        return out
 
     def pack(self, fast: Params) -> list[bytes]:
         # fast: (B, ...) per entry -> B safetensors blobs

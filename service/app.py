@@ -3,18 +3,21 @@ the engine."""
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+from anyio import to_thread
 from fastapi import FastAPI
 
 from models.checkpoint import MetaModel, discover
-from service.api import errors, routes
+from service.api import errors, routes, stats
 from service.api.middleware import BodyLimit
-from service.engine import Engine
+from service.engine import Engine, configure_threads
 from service.settings import Settings
+from service.store.group_commit import GroupCommit
 from service.store.session import connect, session_factory
 
 log = logging.getLogger(__name__)
@@ -37,6 +40,7 @@ def load_meta_models(directory: Path) -> dict[str, MetaModel]:
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
+    configure_threads(settings.threads)  # torch's, for the whole process (the worker too)
     meta_models = load_meta_models(settings.models_dir)
     database = connect(settings.database_url)
     engine = Engine(meta_models, settings)
@@ -44,11 +48,27 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.meta_models = meta_models
     app.state.sessions = session_factory(database)
     app.state.engine = engine
+    app.state.commits = GroupCommit()
+    # Sync routes wait for the engine in anyio's worker threads (40 by default): give
+    # every job the engine may hold a thread, so that under overload the engine's bounded
+    # queue refuses (503 + Retry-After) instead of requests queueing for a thread.
+    to_thread.current_default_thread_limiter().total_tokens = request_threads(settings)
+    # torch and the start-up leave ~300k long-lived objects that every full collection
+    # would rescan; per-request garbage triggers those often enough to triple a job's
+    # overhead (measured in phase 1). Frozen objects are still freed by reference counting.
+    gc.collect()
+    gc.freeze()
     try:
         yield
     finally:
         engine.stop()
         database.dispose()
+        gc.unfreeze()  # back to the collector (tests start many apps in one process)
+
+
+def request_threads(settings: Settings) -> int:
+    """Threads that may run requests at once: every queued job plus a running batch."""
+    return settings.queue_size + settings.max_batch_size
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -63,4 +83,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=app.state.settings.max_body_bytes)
     errors.install(app)
     app.include_router(routes.router)
+    app.include_router(stats.router)
     return app

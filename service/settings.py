@@ -64,7 +64,7 @@ class Settings(BaseSettings):
 
     # -- engine ------------------------------------------------------------------------------
     max_batch_size: int = Field(
-        default=64, ge=1, description="Most jobs the engine runs as one batch."
+        default=256, ge=1, description="Most jobs the engine runs as one batch (1: no batching)."
     )
     max_batch_delay_ms: float = Field(
         default=2.0, ge=0, description="How long a batch waits to fill."

@@ -26,11 +26,13 @@ from service.errors import Conflict, InvalidInput, NotFound, Unavailable
 from service.inputs import Label, RawInput
 from service.settings import Settings
 from service.store import repository
+from service.store.group_commit import GroupCommit
 from service.store.tables import DEFAULT_TENANT as DEFAULT_TENANT  # the API's tenant, for now
 from service.store.tables import Client, ClientVersion, utcnow
 
 MetaModels = Mapping[str, MetaModel]
 T = TypeVar("T")
+WAIT_GRACE_S = 5.0  # waited past a job's deadline, by when the engine has expired it (503)
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,7 @@ def adapt(
     *,
     session: Session,
     engine: Engine,
+    commits: GroupCommit,
     meta_models: MetaModels,
     settings: Settings,
     tenant_id: str,
@@ -140,12 +143,12 @@ def adapt(
         labels=labels,
         created_at=utcnow(),
     )
+    ticket = engine.ticket()  # before the write: a delete from now on keeps the params uncached
     try:
-        repository.append_version(session=session, row=row)
-        session.commit()
+        commits.append(session=session, row=row)  # committed with concurrent adaptations
     except IntegrityError:  # the row lock makes this unexpected; the primary key still holds
-        session.rollback()
         raise Conflict(f"client {client_id!r} was adapted concurrently; retry") from None
+    engine.prime(model.name, (tenant_id, client_id, row.version), adapted.params, ticket)
     return row
 
 
@@ -236,11 +239,12 @@ def classify(logits: list[float], labels: list[Label]) -> LabelPrediction:
 
 def _wait(future: Future[T], settings: Settings) -> T:
     try:
-        return future.result(timeout=settings.job_timeout_s)
+        return future.result(timeout=settings.job_timeout_s + WAIT_GRACE_S)
     except TimeoutError:
         future.cancel()
         raise Unavailable(
-            f"the engine did not answer within {settings.job_timeout_s:g} s", retry_after=1.0
+            f"the engine did not answer within {settings.job_timeout_s + WAIT_GRACE_S:g} s",
+            retry_after=1.0,
         ) from None
 
 

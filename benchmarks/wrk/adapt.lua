@@ -1,6 +1,8 @@
 -- One adaptation per request for a random client: 10 points of a random sinusoid,
 -- 10 inner steps (issue 4's set-up). Clients are "bench-<n>", n < CLIENTS.
 local clients = tonumber(os.getenv("CLIENTS") or "1000")
+-- every run its own sequence (LuaJIT starts each run from the same seed otherwise)
+math.randomseed(tonumber(os.getenv("SEED") or os.time()))
 
 request = function()
   local amp, phase = 0.1 + math.random() * 4.9, math.random() * math.pi

@@ -1,5 +1,7 @@
 -- Ten predictions per request for a random stored client "bench-<n>", n < CLIENTS.
 local clients = tonumber(os.getenv("CLIENTS") or "1000")
+-- every run its own sequence (LuaJIT starts each run from the same seed otherwise)
+math.randomseed(tonumber(os.getenv("SEED") or os.time()))
 
 request = function()
   local xs = {}

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query, Response
 from service import usecases
 from service.api.deps import (
     ClientId,
+    CommitsDep,
     EngineDep,
     MetaModelsDep,
     SessionDep,
@@ -64,6 +65,7 @@ def adapt(
     body: AdaptRequest,
     session: SessionDep,
     engine: EngineDep,
+    commits: CommitsDep,
     meta_models: MetaModelsDep,
     settings: SettingsDep,
     tenant_id: TenantDep,
@@ -72,6 +74,7 @@ def adapt(
     version = usecases.adapt(
         session=session,
         engine=engine,
+        commits=commits,
         meta_models=meta_models,
         settings=settings,
         tenant_id=tenant_id,

@@ -4,7 +4,9 @@ Semantics follow Triton's dynamic batcher (``max_batch_size``, ``max_batch_delay
 measured from the oldest job's arrival), with two changes that only ever start a batch
 sooner: a lone job starts at once (a quiet service adds no latency), and a filling batch
 stops waiting once its group's arrivals pause for a quarter of the delay (16 clients in
-a closed loop do not wait for a 17th that never comes; a burst still gets merged).
+a closed loop do not wait for a 17th that never comes; a burst still gets merged). A job
+made with ``wait=False`` never waits: its batch is what is queued when the worker is free
+(predictions, whose forward pass costs less than any wait would save).
 Jobs carry a group key (meta-model, kind, and whatever the kernel cannot mix); a batch
 never mixes groups, and the group whose oldest job has waited longest goes first.
 
@@ -44,6 +46,7 @@ class Job:
     group: Group  # jobs batch together only within one group
     payload: Any  # what the worker needs to run it
     deadline: float  # time.monotonic() after which it is not started
+    wait: bool = True  # its batch may wait (max_batch_delay) for more jobs of its group
     future: Future[Any] = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
     seq: int = field(default_factory=lambda: next(_seq))
@@ -137,7 +140,7 @@ class Batcher:
                     self._cond.wait()
                 group = min(self._groups, key=lambda g: self._groups[g][0].seq)
                 batch = self._take(group, self.max_batch_size, expired)
-                if len(batch) > 1:  # concurrent jobs of this group: let the batch fill
+                if len(batch) > 1 and batch[0].wait:  # concurrent jobs: let the batch fill
                     self._fill(batch, group, expired)
             for job in expired:  # outside the lock: futures run their callbacks
                 job.future.set_exception(

@@ -1,9 +1,11 @@
 """Adapted parameters on the device: an LRU cache with a byte budget.
 
-Keyed by (tenant_id, client_id, version). A version is immutable, so a key never goes
-stale: a new version is a new key. ``forget(tenant, client)`` drops every version of a
-client, and a load that started before the forget is not cached when it finishes (a
-re-created client with the same id and version 1 must not be served the old one).
+An entry is one client version's fast params flattened into one tensor (the engine's
+``BytesPacker`` lays them out), keyed by (tenant_id, client_id, version). A version is
+immutable, so a key never goes stale: a new version is a new key. ``forget(tenant,
+client)`` drops every version of a client, and a load that started before the forget is
+not cached when it finishes (a re-created client with the same id and version 1 must
+not be served the old one).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import overload
 
-from models.params import Params, nbytes
+from torch import Tensor
 
 Key = tuple[str, str, int]  # (tenant_id, client_id, version)
 Client = tuple[str, str]  # (tenant_id, client_id)
@@ -37,7 +39,7 @@ class ParamsCache:
         if capacity_bytes < 0:
             raise ValueError("capacity_bytes must be >= 0")
         self.capacity_bytes = capacity_bytes
-        self._entries: OrderedDict[Key, tuple[Params, int]] = OrderedDict()  # LRU first
+        self._entries: OrderedDict[Key, tuple[Tensor, int]] = OrderedDict()  # LRU first
         self._bytes = 0
         self._lock = threading.Lock()
         self._epoch = 0  # bumped by every forget
@@ -47,11 +49,11 @@ class ParamsCache:
         self.evictions = 0
 
     @overload
-    def get(self, key: Key) -> Params | None: ...
+    def get(self, key: Key) -> Tensor | None: ...
     @overload
-    def get(self, key: Key, load: Callable[[], Params]) -> Params: ...
+    def get(self, key: Key, load: Callable[[], Tensor]) -> Tensor: ...
 
-    def get(self, key: Key, load: Callable[[], Params] | None = None) -> Params | None:
+    def get(self, key: Key, load: Callable[[], Tensor] | None = None) -> Tensor | None:
         """The cached params of ``key`` (counted as a hit or a miss). On a miss, with
         ``load``: load them in the calling thread, cache them, and return them."""
         with self._lock:
@@ -73,9 +75,9 @@ class ParamsCache:
         with self._lock:
             return self._epoch
 
-    def put(self, key: Key, params: Params, ticket: int) -> bool:
+    def put(self, key: Key, params: Tensor, ticket: int) -> bool:
         """Cache ``params`` unless its client was forgotten since ``ticket`` or it cannot fit."""
-        size = nbytes(params)
+        size = params.numel() * params.element_size()
         with self._lock:
             if self._forgotten_since(ticket, key[:2]) or size > self.capacity_bytes:
                 return False

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from models.batched import BatchedLearner, BytesPacker, Path, stack
+from models.batched import BatchedLearner, BytesPacker, Path
 from models.checkpoint import MetaModel
 from models.maml import Learner
-from models.params import Params, from_bytes, to
+from models.params import to
 from service.engine.batcher import Batcher, Group, Job
 from service.engine.cache import Key, ParamsCache
 from service.errors import InvalidInput
@@ -63,7 +63,7 @@ class AdaptWork:
 @dataclass(frozen=True)
 class PredictWork:
     inputs: Sequence[Sequence[float]]  # (Q, D) finite numbers
-    fast: Params  # the client's adapted params: on the device (a hit) or the CPU (loaded)
+    fast: Tensor  # (P,) the client's params, flat: on the device (a hit) or the CPU (loaded)
     key: Key
     ticket: int | None  # set when loaded after a miss: cache it under this ticket
 
@@ -100,9 +100,9 @@ class ModelRunner:
         learner = Learner(net, meta_model.learner.loss, config.inner)
         params = to(meta_model.params, device)
         self.batched = BatchedLearner(learner, params, to(meta_model.lrs, device), path)
-        fast = learner.split(params)[0]
-        self.fast_spec = {n: (tuple(t.shape), t.dtype) for n, t in fast.items()}
-        self.packer = BytesPacker(fast)
+        self.packer = BytesPacker(learner.split(params)[0])
+        if self.packer.dtype is None:
+            raise ValueError(f"meta-model {self.name!r}: fast params of mixed dtypes")
         head = net.get_submodule("head")
         self.outputs = head.out_features if isinstance(head, nn.Linear) else None
         self.width = math.prod(self.input_shape)  # values per input row
@@ -142,8 +142,7 @@ class ModelRunner:
     def _targets(self, targets: Sequence[Any]) -> Sequence[Any]:
         field = "support.targets"
         if self.classify:
-            top = self.outputs
-            if not all(isinstance(t, int) and t >= 0 and (top is None or t < top) for t in targets):
+            if not all(map(self._class_index, targets)):
                 raise InvalidInput(field, f"class indices in [0, {self.outputs})")
             return targets
         try:  # (K,) numbers for one output, else (K, O)
@@ -159,12 +158,19 @@ class ModelRunner:
             raise InvalidInput(field, "NaN or infinity")
         return targets
 
-    def fast_params(self, params: Params) -> Params:
-        """Check loaded params against this meta-model's fast params (names, shapes, dtypes)."""
-        got = {n: (tuple(t.shape), t.dtype) for n, t in params.items()}
-        if got != self.fast_spec:
-            raise ValueError(f"stored params do not fit meta-model {self.name!r}")
-        return params
+    def _class_index(self, t: Any) -> bool:
+        """An int (or an integral float: 2.0) in [0, outputs); not a bool."""
+        if isinstance(t, bool) or not isinstance(t, int | float) or not float(t).is_integer():
+            return False
+        return t >= 0 and (self.outputs is None or t < self.outputs)
+
+    def fast_params(self, blob: bytes) -> Tensor:
+        """Stored safetensors -> the flat (P,) params the cache holds, on the CPU; checked
+        against this meta-model's fast params (names, shapes, dtypes)."""
+        try:
+            return self.packer.unpack(blob)
+        except ValueError:
+            raise ValueError(f"stored params do not fit meta-model {self.name!r}") from None
 
     def adapt_group(self, work: AdaptWork) -> Group:
         """Jobs that may share a batch: any steps and rates on the bmm path."""
@@ -178,7 +184,7 @@ class ModelRunner:
         k = max(len(a.inputs) for a in works)
         x = self._tensor([a.inputs for a in works], k)  # (B, K, *input_shape)
         if self.classify:
-            y = torch.tensor(_padded([a.targets for a in works], k, 0))  # (B, K) int64
+            y = torch.tensor(_padded([a.targets for a in works], k, 0), dtype=torch.long)  # (B, K)
         else:
             fill = 0.0 if self.outputs == 1 else [0.0] * (self.outputs or 1)
             y = torch.tensor(_padded([a.targets for a in works], k, fill), dtype=torch.float32)
@@ -204,7 +210,7 @@ class ModelRunner:
     def predict(self, works: Sequence[PredictWork]) -> list[list[list[float]]]:
         q = max(len(p.inputs) for p in works)
         x = self._tensor([p.inputs for p in works], q)  # (B, Q, *input_shape)
-        fast = stack([p.fast for p in works])  # (B, ...) per entry
+        fast = self.packer.unflatten(torch.stack([p.fast for p in works]))  # (B, ...) per entry
         out = self.batched.predict(fast, x.to(self.device))  # (B, Q, O)
         rows: list[list[list[float]]] = out.cpu().tolist()
         return [r[: len(p.inputs)] for r, p in zip(rows, works, strict=True)]
@@ -224,7 +230,7 @@ class ModelRunner:
         works = [AdaptWork(inputs, targets, 1, lr)]
         for batch in (works * 2, works):
             done = self.adapt(batch)
-        fast = to(from_bytes(done[0].params), self.device)
+        fast = self.fast_params(done[0].params).to(self.device)
         self.predict([PredictWork(inputs, fast, ("", "", 0), None)])
 
 
@@ -312,7 +318,7 @@ class DeviceWorker:
         for job in batch:
             work: PredictWork = job.payload
             if work.ticket is not None:  # loaded after a miss: onto the device, into the cache
-                fast = to(work.fast, runner.device)
+                fast = work.fast.to(runner.device)
                 self.cache.put(work.key, fast, work.ticket)
                 work = PredictWork(work.inputs, fast, work.key, None)
             works.append(work)

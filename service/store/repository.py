@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from sqlalchemy import delete, select, text, update
+from collections.abc import Sequence
+from functools import cache
+from typing import Any, cast
+
+from sqlalchemy import Insert, Table, Update, bindparam, delete, inspect, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, selectinload
 
@@ -46,6 +50,82 @@ def append_version(*, session: Session, row: ClientVersion) -> ClientVersion:
         .values(current_version=row.version)
     )
     return row
+
+
+def append_versions(*, session: Session, rows: Sequence[ClientVersion]) -> None:
+    """Store ``rows`` as the next versions of their clients (created if new), in order,
+    and make each client's newest current: three statements for the lot, whatever its size.
+
+    The clients are locked (as by ``lock_client``) in (tenant, client) order, so two
+    writers cannot deadlock. Core statements compiled once, executed as ``executemany``:
+    per row, the ORM's unit of work costs more than the database. The rows stay out of
+    the session; each gets its ``version``.
+    """
+    if not rows:
+        return
+    now = utcnow()
+    keys = sorted({(row.tenant_id, row.client_id) for row in rows})
+    connection = session.connection()
+    locked = connection.execute(
+        _lock_clients(connection.dialect.name),
+        [
+            {
+                "tenant_id": t,
+                "client_id": c,
+                "current_version": 0,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for t, c in keys
+        ],
+    )
+    current: dict[tuple[str, str], int] = {(str(r[0]), str(r[1])): int(r[2]) for r in locked}
+    for row in rows:
+        key = (row.tenant_id, row.client_id)
+        current[key] += 1
+        row.version = current[key]
+    by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        state = inspect(row).dict  # the attributes this row sets (column defaults do the rest)
+        values = {column: state[attr] for attr, column in _version_columns() if attr in state}
+        by_columns.setdefault(tuple(values), []).append(values)
+    for params in by_columns.values():
+        connection.execute(_table(ClientVersion).insert(), params)
+    connection.execute(
+        _set_current_version(),
+        [{"t": t, "c": c, "v": v} for (t, c), v in current.items()],
+    )
+
+
+@cache
+def _lock_clients(dialect: str) -> Insert:
+    table = _table(Client)
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    stmt = insert(table)
+    return stmt.on_conflict_do_update(
+        index_elements=[table.c.tenant_id, table.c.client_id],
+        set_={"updated_at": stmt.excluded.updated_at},
+    ).returning(table.c.tenant_id, table.c.client_id, table.c.current_version)
+
+
+@cache
+def _set_current_version() -> Update:
+    table = _table(Client)
+    return (
+        update(table)
+        .where(table.c.tenant_id == bindparam("t"), table.c.client_id == bindparam("c"))
+        .values(current_version=bindparam("v"))
+    )
+
+
+def _table(cls: type[Client] | type[ClientVersion]) -> Table:
+    return cast(Table, cls.__table__)
+
+
+@cache
+def _version_columns() -> list[tuple[str, str]]:
+    """(ORM attribute, table column) of every ClientVersion column."""
+    return [(attr.key, attr.columns[0].key) for attr in inspect(ClientVersion).column_attrs]
 
 
 def get_client(*, session: Session, tenant_id: str, client_id: str) -> Client | None:

@@ -56,6 +56,15 @@ def test_concurrent_jobs_wait_to_fill_the_batch() -> None:
     assert in_thread(batcher) == [[*first, late]]  # returned once full, not after the delay
 
 
+def test_jobs_that_do_not_wait_batch_what_is_queued() -> None:
+    """wait=False (predictions): the queued jobs go at once, however long the delay."""
+    batcher = Batcher(max_batch_size=8, max_batch_delay_s=3600.0, queue_size=8)
+    queued = [Job(("a", "predict"), None, FAR, wait=False) for _ in range(3)]
+    for j in queued:
+        batcher.put(j)
+    assert in_thread(batcher) == [queued]
+
+
 def test_expired_and_cancelled_jobs_are_not_run() -> None:
     batcher = Batcher(max_batch_size=8, max_batch_delay_s=0.0, queue_size=8)
     expired, cancelled, live = job("a", deadline=time.monotonic() - 1.0), job("a"), job("a")

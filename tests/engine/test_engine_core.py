@@ -145,6 +145,19 @@ def test_a_classifier_adapts_with_class_indices(
         engine.submit_adapt(AdaptJob("classes", [[0.0] * 4], [3], None, None))
 
 
+def test_class_indices_may_be_integral_floats(
+    engine: Engine, meta_models: dict[str, MetaModel]
+) -> None:
+    """The service maps labels to indices as floats (2.0): the same as ints, never bools."""
+    x = torch.randn(4, 4, generator=torch.Generator().manual_seed(1)).tolist()
+    ints = engine.submit_adapt(AdaptJob("classes", x, [0, 2, 1, 2], 3, 0.1)).result()
+    floats = engine.submit_adapt(AdaptJob("classes", x, [0.0, 2.0, 1.0, 2.0], 3, 0.1)).result()
+    assert floats.params == ints.params
+    for bad in ([0.5], [True], [-1.0], ["1"]):
+        with pytest.raises(InvalidInput, match=r"support\.targets"):
+            engine.submit_adapt(AdaptJob("classes", [[0.0] * 4], bad, None, None))
+
+
 def test_a_conv_net_adapts_its_head_through_the_vmap_path(
     engine: Engine, meta_models: dict[str, MetaModel]
 ) -> None:
@@ -234,6 +247,27 @@ def test_forget_means_a_deleted_client_is_never_served_from_the_cache(engine: En
         engine.submit_predict("sinusoid", ("t", "c", 1), gone, q)
     engine.submit_predict("sinusoid", ("t", "other", 1), gone, q).result()  # still cached
     assert engine.stats().queued == 0  # the failed load gave its queue slot back
+
+
+def test_priming_caches_a_new_version_unless_its_client_was_forgotten_since(
+    engine: Engine,
+) -> None:
+    blob = engine.submit_adapt(AdaptJob("sinusoid", *support(5, seed=1), 5, 0.05)).result().params
+
+    def no_load() -> bytes:
+        raise AssertionError("a primed version must not be read from the database")
+
+    ticket = engine.ticket()
+    assert engine.prime("sinusoid", ("t", "c", 1), blob, ticket)
+    engine.submit_predict("sinusoid", ("t", "c", 1), no_load, [[0.5]]).result()
+    assert (engine.stats().cache.hits, engine.stats().cache.misses) == (1, 0)
+
+    stale = engine.ticket()  # taken before the write of version 2 ...
+    engine.forget("t", "c")  # ... which a delete of the client overtook
+    assert not engine.prime("sinusoid", ("t", "c", 2), blob, stale)
+    assert engine.stats().cache.entries == 0
+    with pytest.raises(ValueError, match="do not fit"):  # params of another meta-model
+        engine.prime("classes", ("t", "d", 1), blob, engine.ticket())
 
 
 def test_a_load_that_races_a_forget_is_not_cached(engine: Engine) -> None:

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
-from models.params import Params, nbytes
 from service.engine.cache import ParamsCache
 
 
-def params(value: float, n: int = 10) -> Params:
-    return {"w": torch.full((n,), value)}  # 40 bytes for n = 10
+def params(value: float, n: int = 10) -> Tensor:
+    """A client version's flat params, as the engine caches them: 40 bytes for n = 10."""
+    return torch.full((n,), value)
+
+
+def nbytes(flat: Tensor) -> int:
+    return flat.numel() * flat.element_size()
 
 
 def test_lru_evicts_the_least_recently_used_by_bytes() -> None:
@@ -44,7 +49,7 @@ def test_replacing_a_key_does_not_count_its_bytes_twice() -> None:
     cache.put(("t", "a", 1), params(2.0), 0)
     assert cache.stats().bytes == 40
     got = cache.get(("t", "a", 1))
-    assert got is not None and float(got["w"][0]) == 2.0
+    assert got is not None and float(got[0]) == 2.0
 
 
 def test_forget_drops_every_version_of_one_client_of_one_tenant() -> None:
@@ -70,7 +75,7 @@ def test_get_with_a_loader_loads_once() -> None:
     cache = ParamsCache(capacity_bytes=1000)
     loads: list[int] = []
 
-    def load() -> Params:
+    def load() -> Tensor:
         loads.append(1)
         return params(1.0)
 

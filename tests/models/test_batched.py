@@ -277,6 +277,25 @@ def test_bytes_packer_is_byte_identical_to_safetensors(adapt: str) -> None:
         packer.pack({n: t[..., :1] for n, t in fast.items()})
 
 
+def test_the_packer_reads_blobs_back_flat_and_unflattens_a_batch() -> None:
+    """The engine caches each client's params as one flat tensor: from a blob of ours (its
+    data section) or any safetensors of the same params, and back to (B, ...) per entry."""
+    learner, params, lrs = make_learner()
+    xs, ys = sinusoids([5, 7, 3])
+    fast = BatchedLearner(learner, params, lrs).adapt(*pad_batch(xs, ys), steps=2).fast
+    packer = BytesPacker(learner.split(params)[0])
+    ours = packer.pack(fast)
+    foreign = [to_bytes(dict(reversed(list(one.items())))) for one in unstack(fast)]
+    for blobs in (ours, foreign):
+        flat = torch.stack([packer.unpack(blob) for blob in blobs])  # (B, P)
+        assert flat.shape == (3, packer.numel) and flat.is_contiguous()
+        back = packer.unflatten(flat)
+        for name, tensor in fast.items():
+            assert torch.equal(back[name], tensor)
+    with pytest.raises(ValueError, match="differ"):
+        packer.unpack(to_bytes({n: t[0, ..., :1].contiguous() for n, t in fast.items()}))
+
+
 def test_losses_are_finite_and_decrease_on_a_batch() -> None:
     learner, params, lrs = make_learner()
     xs, ys = sinusoids([10] * 16)

@@ -1,0 +1,85 @@
+"""Many stored clients, fast: adapted in-process by the batched engine and written with
+the repository's bulk insert, as the service stores them (the HTTP path would take
+minutes for 10,000 on two cores). Shared by the cache and storage benchmarks."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import Future
+from pathlib import Path
+
+import torch
+
+from models.checkpoint import MetaModel
+from service.engine import Adapted, AdaptJob
+from service.engine.core import Engine, EngineConfig
+from service.store import migrate, repository
+from service.store.session import connect, session_factory
+from service.store.tables import DEFAULT_TENANT, ClientVersion, utcnow
+
+ARTIFACT = Path(__file__).resolve().parent.parent / "models" / "artifacts" / "sinusoid"
+SHOTS, STEPS = 10, 10  # as benchmarks/wrk/adapt.lua
+Support = tuple[list[list[float]], list[float]]
+
+
+def sinusoid() -> MetaModel:
+    return MetaModel.load(ARTIFACT)
+
+
+def supports(count: int, seed: int = 0) -> list[Support]:
+    """``count`` 10-point support sets of random sinusoids (Finn et al.'s ranges)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(count, SHOTS, 1, generator=g) * 10 - 5  # (N, K, 1)
+    amp = torch.rand(count, 1, 1, generator=g) * 4.9 + 0.1
+    phase = torch.rand(count, 1, 1, generator=g) * torch.pi
+    y = amp * torch.sin(x - phase)
+    return [(x[i].tolist(), y[i].flatten().tolist()) for i in range(count)]
+
+
+def adapted_rows(meta: MetaModel, count: int, prefix: str = "bench-") -> list[ClientVersion]:
+    """``count`` clients ``<prefix>0`` ... adapted (10 steps) and made rows as
+    ``usecases.adapt`` makes them."""
+    sets = supports(count)
+    engine = Engine({meta.name: meta}, EngineConfig(device="cpu", queue_size=count + 1))
+    engine.start()
+    try:
+        futures: list[Future[Adapted]] = [
+            engine.submit_adapt(AdaptJob(meta.name, x, y, STEPS, None)) for x, y in sets
+        ]
+        results = [f.result() for f in futures]
+    finally:
+        engine.stop()
+    return [
+        ClientVersion(
+            tenant_id=DEFAULT_TENANT,
+            client_id=f"{prefix}{i}",
+            meta_model=meta.name,
+            meta_model_version=meta.version,
+            params=adapted.params,
+            support_inputs=json.dumps(x, separators=(",", ":")),
+            support_targets=json.dumps(y, separators=(",", ":")),
+            support_size=len(x),
+            inner_steps=adapted.steps,
+            inner_lr=adapted.lr,
+            support_loss_before=adapted.loss_before,
+            support_loss_after=adapted.loss_after,
+            adapt_ms=adapted.adapt_ms,
+            labels=None,
+            created_at=utcnow(),
+        )
+        for i, ((x, y), adapted) in enumerate(zip(sets, results, strict=True))
+    ]
+
+
+def store(url: str, rows: list[ClientVersion], *, migrated: bool = False) -> None:
+    """Migrate the database at ``url`` (unless ``migrated``) and store ``rows``."""
+    if not migrated:
+        migrate.upgrade(url)
+    database = connect(url)
+    try:
+        with session_factory(database)() as session:
+            for start in range(0, len(rows), 1000):
+                repository.append_versions(session=session, rows=rows[start : start + 1000])
+            session.commit()
+    finally:
+        database.dispose()

@@ -1,0 +1,185 @@
+"""What the HTTP benchmarks share: a real ``fastadapt serve`` process, wrk, the machine line.
+
+wrk (closed loop, one thread, a Lua script makes the bodies) leaves the server most of
+the machine; a Python load generator would eat one of its two cores.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import random
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+HERE = Path(__file__).parent
+
+
+@dataclass(frozen=True)
+class Run:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int  # non-2xx responses and socket errors
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str
+    data_dir: Path  # its SQLite database lives here unless a URL was given
+
+    def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = httpx.get(self.url + "/v1/engine/stats", timeout=30).json()
+        return result
+
+
+def require_wrk() -> None:
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is missing: apt-get install wrk (or `make bench`, which does)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def server(env: dict[str, str], database_url: str | None = None) -> Iterator[Server]:
+    """``fastadapt serve`` on a free port, with ``env`` over this environment, a fresh
+    data directory (SQLite, migrated by ``serve``) unless ``database_url`` is given."""
+    with tempfile.TemporaryDirectory(prefix="fastadapt-bench-") as data:
+        full = {**os.environ, **env, "FASTADAPT_DATA_DIR": data}
+        if database_url:
+            full["FASTADAPT_DATABASE_URL"] = database_url
+        port = free_port()
+        log = Path(data) / "server.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
+                env=full,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            _wait_ready(url, proc, log)
+            yield Server(url, Path(data))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(url + "/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"the server did not become ready:\n{tail}")
+        time.sleep(0.2)
+
+
+def wrk(url: str, script: str, connections: int, seconds: float, **env: str) -> Run:
+    """One wrk run of ``benchmarks/wrk/<script>``; ``env`` reaches the script (with a
+    fresh ``SEED`` for its random clients unless given)."""
+    env.setdefault("SEED", str(random.randrange(2**31)))
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{seconds:g}s",
+            "--latency",
+            "--timeout",
+            "30s",
+            "-s",
+            str(HERE / "wrk" / script),
+            url,
+        ],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    errors = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
+    socket_errors = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out
+    )
+    if socket_errors:
+        errors += sum(int(n) for n in socket_errors.groups())
+    return Run(
+        _number(r"Requests/sec:\s+([\d.]+)", out), _ms(r"\s50%", out), _ms(r"\s99%", out), errors
+    )
+
+
+def _number(pattern: str, text: str) -> float:
+    found = re.search(pattern, text)
+    if found is None:
+        raise RuntimeError(f"wrk printed no {pattern!r}:\n{text}")
+    return float(found.group(1))
+
+
+def _ms(label: str, text: str) -> float:
+    found = re.search(label + r"\s+([\d.]+)(us|ms|s)\b", text)
+    if found is None:
+        raise RuntimeError(f"wrk printed no {label.strip()} latency:\n{text}")
+    value, unit = found.groups()
+    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+
+def machine() -> str:
+    """CPU, cores, load, torch, and how uvicorn will serve (its HTTP parser and loop)."""
+    cpu = platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    import torch
+
+    return (
+        f"{cpu}, {os.cpu_count()} cores, load average {load()}; torch {torch.__version__}; "
+        f"uvicorn with {http} and {loop}"
+    )
+
+
+def load() -> str:
+    """Load average, and how much of the last minute some task waited for a CPU (the
+    benchmark's own processes count in both)."""
+    text = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    pressure = Path("/proc/pressure/cpu")
+    if pressure.exists():
+        some = pressure.read_text().split("\n")[0]  # some avg10=... avg60=... avg300=...
+        text += f", CPU pressure {some.split()[2].replace('avg60=', '')}% (1 min)"
+    return text
+
+
+def threads(stats: dict[str, Any]) -> str:
+    """The thread settings a server reports (and the fixed ones)."""
+    return (
+        f"engine: {stats['threads']} torch intra-op thread(s), 1 inter-op, one device "
+        f"worker thread; request threads = queue_size + max_batch_size = "
+        f"{stats['queue_size'] + stats['max_batch_size']}; max_batch_size "
+        f"{stats['max_batch_size']}, max_batch_delay_ms {stats['max_batch_delay_ms']:g}"
+    )
