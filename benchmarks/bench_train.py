@@ -20,7 +20,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from models.maml import InnerLoopConfig, Learner, cross_entropy_loss, mse_loss
+from models.maml import Adapt, InnerLoopConfig, Learner, cross_entropy_loss, mse_loss
 from models.nets import MLP, Conv4
 from models.params import Params
 from models.tasks import Episode, sinusoid
@@ -65,10 +65,10 @@ def setup(name: str) -> tuple[Learner, Params, Episode, bool]:
         net = MLP(1, (40, 40), 1)
         learner = Learner(net, mse_loss, InnerLoopConfig(steps=5, lr=0.01))
         return learner, dict(net.named_parameters()), sinusoid.sample(g, 25, 10, 10, 10), True
-    net = Conv4(out_features=20)
-    adapt = "head" if name == "omniglot-anil" else "all"
+    conv = Conv4(out_features=20)
+    adapt: Adapt = "head" if name == "omniglot-anil" else "all"
     inner = InnerLoopConfig(steps=5, lr=0.4, first_order=True, adapt=adapt)
-    learner = Learner(net, cross_entropy_loss, inner)
+    learner = Learner(conv, cross_entropy_loss, inner)
     way, queries, tasks = 20, 5, 16
     labels = torch.arange(way)
     ep = Episode(
@@ -79,7 +79,7 @@ def setup(name: str) -> tuple[Learner, Params, Episode, bool]:
         yq=labels.repeat(queries).expand(tasks, -1).clone(),
         wq=torch.ones(tasks, way * queries),
     )
-    return learner, dict(net.named_parameters()), ep, False
+    return learner, dict(conv.named_parameters()), ep, False
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""Use cases: one transaction each, and the only place that commits.
+"""Use cases: one transaction each, and the only place that commits (new versions commit
+through ``GroupCommit``, which shares one transaction among concurrent adaptations).
 
 Heavy work (adaptation, prediction) runs on the engine with no database transaction
 open, so a slow adaptation never holds a lock, and a failed or rejected one leaves the
