@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from benchmarks.clients import Support, supports
 from models.batched import BatchedLearner
 from models.checkpoint import ArtifactConfig, MetaModel
 from models.maml import InnerLoopConfig
@@ -42,7 +43,6 @@ SHOTS, STEPS, LR, QUERIES = 10, 10, 0.01, 10
 ORDER = ("body.0.weight", "body.0.bias", "body.2.weight", "body.2.bias", "head.weight", "head.bias")
 HEADER = f"{'clients':>8} {'engine':>10} {'per-request':>12} {'ratio':>8} {'mean batch':>11}"
 ARTIFACT = Path(__file__).resolve().parent.parent / "models" / "artifacts" / "sinusoid"
-Support = tuple[list[list[float]], list[float]]
 
 
 def meta_model(random_init: bool) -> tuple[MetaModel, str]:
@@ -58,15 +58,6 @@ def meta_model(random_init: bool) -> tuple[MetaModel, str]:
     net = MLP()
     params = {n: p.detach().clone() for n, p in net.named_parameters()}
     return MetaModel(config, params, {}, "random"), "random 1-40-40-1 MLP"
-
-
-def supports(count: int, seed: int = 0) -> list[Support]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(count, SHOTS, 1, generator=g) * 10 - 5  # (N, K, 1)
-    amp = torch.rand(count, 1, 1, generator=g) * 4.9 + 0.1
-    phase = torch.rand(count, 1, 1, generator=g) * torch.pi
-    y = amp * torch.sin(x - phase)
-    return [(x[i].tolist(), y[i].flatten().tolist()) for i in range(count)]
 
 
 # -- the baseline: one request at a time, plain autograd ------------------------------------

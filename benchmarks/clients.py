@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from models.checkpoint import MetaModel
+from models.tasks import sinusoid as sinusoids
 from service.engine import Adapted, AdaptJob
 from service.engine.core import Engine, EngineConfig
 from service.store import migrate, repository
@@ -28,12 +29,8 @@ def sinusoid() -> MetaModel:
 
 def supports(count: int, seed: int = 0) -> list[Support]:
     """``count`` 10-point support sets of random sinusoids (Finn et al.'s ranges)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(count, SHOTS, 1, generator=g) * 10 - 5  # (N, K, 1)
-    amp = torch.rand(count, 1, 1, generator=g) * 4.9 + 0.1
-    phase = torch.rand(count, 1, 1, generator=g) * torch.pi
-    y = amp * torch.sin(x - phase)
-    return [(x[i].tolist(), y[i].flatten().tolist()) for i in range(count)]
+    ep = sinusoids.sample(torch.Generator().manual_seed(seed), count, SHOTS, SHOTS, 1)
+    return [(ep.xs[i].tolist(), ep.ys[i].flatten().tolist()) for i in range(count)]
 
 
 def adapted_rows(meta: MetaModel, count: int, prefix: str = "bench-") -> list[ClientVersion]:
