@@ -3,7 +3,7 @@
 #   make serve        migrate, then serve on 127.0.0.1:8000 (PORT=9000 make serve)
 #   make test         the whole test suite
 #   make lint         ruff + mypy
-#   make bench        the four benchmarks of README.md#benchmarks (~8 min; installs wrk)
+#   make bench        the four benchmarks of README.md#benchmarks (~6 min; installs wrk)
 #
 # The virtual environment is created once and reinstalled only when pyproject.toml
 # changes. torch is installed first: TORCH names it (the CPU wheel that pip finds on
@@ -54,7 +54,7 @@ lint: $(STAMP)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 bench: $(STAMP)
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk; }
-	$(BIN)/python -m benchmarks.bench_adapt --quick
+	$(BIN)/python -m benchmarks.bench_adapt
 	$(BIN)/python -m benchmarks.bench_http --seconds 4 --repeats 3
 	$(BIN)/python -m benchmarks.bench_cache --seconds 4 --repeats 3
 	FASTADAPT_TEST_POSTGRES_URL="$${FASTADAPT_TEST_POSTGRES_URL-postgresql+psycopg://postgres@127.0.0.1:5432/test}" \
