@@ -292,7 +292,7 @@ class Trainer:
 
     def augment(self, x: Tensor) -> Tensor:
         c = self.cfg
-        return omniglot.augment(self.g, x.cpu(), c.shift, c.zoom, c.rotate).to(self.device)
+        return omniglot.augment(self.g, x.to(self.device), c.shift, c.zoom, c.rotate)
 
     # -- stage 1 -------------------------------------------------------------------------
     def pretrain_step(self, x: Tensor, y: Tensor, lr: float) -> tuple[float, float]:

@@ -201,9 +201,10 @@ def sample(
 def augment(g: torch.Generator, x: Tensor, shift: float, scale: float, rotate: float) -> Tensor:
     """Small random affine warps of a batch (B, 1, 28, 28) for training: translation up to
     ``shift`` (fraction of the half-width), zoom in 1 +- ``scale``, rotation +- ``rotate``
-    radians. Ink outside the frame is 0 (paper)."""
+    radians. Ink outside the frame is 0 (paper). The warps are drawn from ``g`` (a CPU
+    generator, so a seed gives the same warps on any device) and applied on ``x``'s device."""
     b = x.shape[0]
-    u = torch.rand(b, 4, generator=g) * 2 - 1  # (B, 4) in [-1, 1]
+    u = (torch.rand(b, 4, generator=g) * 2 - 1).to(x.device)  # (B, 4) in [-1, 1]
     zoom = 1.0 + scale * u[:, 0]
     angle = rotate * u[:, 1]
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
