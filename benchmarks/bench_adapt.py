@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from benchmarks.clients import Support, supports
+from benchmarks.support_sets import Support, supports
 from models.batched import BatchedLearner
 from models.checkpoint import ArtifactConfig, MetaModel
 from models.maml import InnerLoopConfig

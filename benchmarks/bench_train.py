@@ -1,6 +1,6 @@
 """Meta-training speed: tasks vmapped against a per-task Python loop, same run.
 
-    python -m benchmarks.bench_train [--repeats 5] [--threads 1]
+    python -m benchmarks.bench_train [--repeats 5] [--threads 1] [--device cpu|cuda]
 
 Set-ups from issue 3: sinusoid (meta-batch 25, 5 inner steps, second order) and
 Omniglot (20-way 1-shot, 5 queries per class, meta-batch 16, 5 inner steps, first
@@ -37,15 +37,23 @@ def looped_losses(learner: Learner, params: Params, ep: Episode, create_graph: b
     return torch.stack(losses)
 
 
-def its_per_s(step: Callable[[], None], seconds: float, repeats: int) -> float:
+def its_per_s(
+    step: Callable[[], None], seconds: float, repeats: int, device: torch.device
+) -> float:
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     step()  # warm-up
+    sync()
     rates = []
     for _ in range(repeats):
         done, t0 = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - t0) < seconds:
+        while time.perf_counter() - t0 < seconds:
             step()
             done += 1
-        rates.append(done / elapsed)
+        sync()
+        rates.append(done / (time.perf_counter() - t0))
     return statistics.median(rates)
 
 
@@ -59,13 +67,14 @@ def meta_step(
     torch.autograd.grad(losses.mean(), list(params.values()))
 
 
-def setup(name: str) -> tuple[Learner, Params, Episode, bool]:
+def setup(name: str, device: torch.device) -> tuple[Learner, Params, Episode, bool]:
     g = torch.Generator().manual_seed(0)
     if name == "sinusoid":
-        net = MLP(1, (40, 40), 1)
+        net = MLP(1, (40, 40), 1).to(device)
         learner = Learner(net, mse_loss, InnerLoopConfig(steps=5, lr=0.01))
-        return learner, dict(net.named_parameters()), sinusoid.sample(g, 25, 10, 10, 10), True
-    conv = Conv4(out_features=20)
+        ep = sinusoid.sample(g, 25, 10, 10, 10).to(str(device))
+        return learner, dict(net.named_parameters()), ep, True
+    conv = Conv4(out_features=20).to(device)
     adapt: Adapt = "head" if name == "omniglot-anil" else "all"
     inner = InnerLoopConfig(steps=5, lr=0.4, first_order=True, adapt=adapt)
     learner = Learner(conv, cross_entropy_loss, inner)
@@ -78,7 +87,7 @@ def setup(name: str) -> tuple[Learner, Params, Episode, bool]:
         xq=torch.rand(tasks, way * queries, 1, 28, 28, generator=g),
         yq=labels.repeat(queries).expand(tasks, -1).clone(),
         wq=torch.ones(tasks, way * queries),
-    )
+    ).to(str(device))
     return learner, dict(conv.named_parameters()), ep, False
 
 
@@ -88,22 +97,26 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=2.0, help="per repeat")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--setups", nargs="+", default=["sinusoid", "omniglot", "omniglot-anil"])
+    p.add_argument("--device", default="cpu", help='"cpu" or "cuda"')
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    on = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
-        f"torch {torch.__version__}, {args.threads} intra-op thread(s), "
+        f"torch {torch.__version__}, {on}, {args.threads} intra-op thread(s), "
         f"median of {args.repeats} x {args.seconds}s"
     )
     print()
     print("| set-up        | per-task loop it/s | vmapped it/s | ratio |")
     print("|---------------|--------------------|--------------|-------|")
     for name in args.setups:
-        learner, params, ep, second_order = setup(name)
+        learner, params, ep, second_order = setup(name, device)
         rates = [
             its_per_s(
                 partial(meta_step, learner, params, ep, second_order, batched),
                 args.seconds,
                 args.repeats,
+                device,
             )
             for batched in (False, True)
         ]

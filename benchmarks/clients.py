@@ -8,10 +8,8 @@ import json
 from concurrent.futures import Future
 from pathlib import Path
 
-import torch
-
+from benchmarks.support_sets import STEPS, supports
 from models.checkpoint import MetaModel
-from models.tasks import sinusoid as sinusoids
 from service.engine import Adapted, AdaptJob
 from service.engine.core import Engine, EngineConfig
 from service.store import migrate, repository
@@ -19,18 +17,10 @@ from service.store.session import connect, session_factory
 from service.store.tables import DEFAULT_TENANT, ClientVersion, utcnow
 
 ARTIFACT = Path(__file__).resolve().parent.parent / "models" / "artifacts" / "sinusoid"
-SHOTS, STEPS = 10, 10  # as benchmarks/wrk/adapt.lua
-Support = tuple[list[list[float]], list[float]]
 
 
 def sinusoid() -> MetaModel:
     return MetaModel.load(ARTIFACT)
-
-
-def supports(count: int, seed: int = 0) -> list[Support]:
-    """``count`` 10-point support sets of random sinusoids (Finn et al.'s ranges)."""
-    ep = sinusoids.sample(torch.Generator().manual_seed(seed), count, SHOTS, SHOTS, 1)
-    return [(ep.xs[i].tolist(), ep.ys[i].flatten().tolist()) for i in range(count)]
 
 
 def adapted_rows(meta: MetaModel, count: int, prefix: str = "bench-") -> list[ClientVersion]:
