@@ -495,6 +495,9 @@ def run_and_save(trainer: MetaTrainer, config: ArtifactConfig, args: argparse.Na
         config.training["minutes"] = round(minutes, 1)
         version = MetaModel(config, params, lrs, version="").save(args.out)
         print(f"wrote {args.out} (version {version[:12]}, {minutes:.1f} min)", file=sys.stderr)
+    if dist.is_initialized():  # leave together: a rank exiting with gloo live can abort
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def add_common_arguments(p: argparse.ArgumentParser, defaults: MetaTrainConfig) -> None:
