@@ -11,7 +11,10 @@ unpadded one. Two batched paths, picked per net by ``BatchedLearner``:
   per-client step counts and learning rates in one batch.
 - ``"vmap"``: ``torch.func.vmap`` over ``Learner.adapt``, for any net; one step count and
   one learning rate per batch. A batch of one takes ``autograd_adapt``, the same update
-  with plain autograd, which is several times faster than torch.func for one task.
+  with plain autograd, which is several times faster than torch.func for one task. With
+  head-only adaptation (ANIL) the frozen body runs once over every client's real rows as
+  one flat batch, outside vmap (padding rows skip it), and only the head's descent is
+  vmapped: a convolutional body costs what a loop over the clients would, not more.
 
 Both return what ``Learner.adapt`` returns for each client alone, stacked: ``AdaptResult``
 with ``fast`` entries (B, ...) and losses (B,). ``BytesPacker`` turns stacked fast params
@@ -37,6 +40,17 @@ from models.params import Params, from_bytes, to_bytes
 Path = Literal["auto", "bmm", "vmap"]
 Rate = Tensor | float
 T = TypeVar("T", int, float)
+# Images per call of a frozen body on a CPU: the shipped 128-channel Conv4 ran 320 images
+# 1.8x faster in calls of 32 than in one call (its activations stay in cache). A GPU
+# takes the whole batch at once.
+CPU_BODY_ROWS = 32
+
+
+def body_features(learner: Learner, frozen: Params, x: Tensor) -> Tensor:
+    """``learner.features`` of x (N, ...) -> (N, D), in chunks of ``CPU_BODY_ROWS`` on a CPU."""
+    if learner.inner.adapt != "head" or x.device.type != "cpu" or x.shape[0] <= CPU_BODY_ROWS:
+        return learner.features(frozen, x)
+    return torch.cat([learner.features(frozen, c) for c in x.split(CPU_BODY_ROWS)])
 
 
 def pad_batch(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
@@ -387,6 +401,8 @@ class BatchedLearner:
         if path == "bmm" and spec is None:
             raise ValueError("the bmm path needs an MLP of Linear and ReLU layers")
         self.kernel = _MLPKernel(learner, spec, params, lrs) if spec is not None else None
+        # head-only nets on the vmap path: the head's learner on precomputed body features
+        self.head = learner.on_features() if learner.inner.adapt == "head" else None
 
     @property
     def path(self) -> Literal["bmm", "vmap"]:
@@ -428,7 +444,25 @@ class BatchedLearner:
             one = autograd_adapt(self.learner, self.params, self.lrs, x[0], y[0], w[0], steps, lr)
             fast = {n: t.unsqueeze(0) for n, t in one.fast.items()}
             return AdaptResult(fast, one.loss_before.reshape(1), one.loss_after.reshape(1))
+        if self.head is not None:
+            head = self.learner.split(self.params)[0]
+            h = self._features(x, w)  # (B, K, D)
+            return self.head.adapt_batch(head, self.lrs, h, y, w, steps=steps, lr=lr)
         return self.learner.adapt_batch(self.params, self.lrs, x, y, w, steps=steps, lr=lr)
+
+    def _features(self, x: Tensor, w: Tensor | None = None) -> Tensor:
+        """The frozen body's features, one flat batch for all clients: x (B, K, ...) ->
+        (B, K, D). Rows of weight 0 (padding) skip the body and get zero features; they
+        carry no weight in any loss."""
+        flat = x.flatten(0, 1)  # (B*K, ...)
+        if w is None or bool((w > 0).all()):
+            h = body_features(self.learner, self.frozen, flat)  # (B*K, D)
+        else:
+            real = w.flatten() > 0  # (B*K,)
+            h_real = body_features(self.learner, self.frozen, flat[real])
+            h = h_real.new_zeros(flat.shape[0], h_real.shape[-1])
+            h[real] = h_real
+        return h.reshape(*x.shape[:2], -1)
 
     @staticmethod
     def _per_client(steps: Sequence[int] | int, x: Tensor) -> Tensor | int:
@@ -451,6 +485,12 @@ class BatchedLearner:
         with torch.no_grad():
             if self.kernel is not None:
                 return self.kernel.predict(self.frozen, fast, x)
+            if self.head is not None:
+                h = self._features(x)  # (B, Q, D)
+                if x.shape[0] == 1:
+                    one = {n: t[0] for n, t in fast.items()}
+                    return self.head.predict({}, one, h[0]).unsqueeze(0)
+                return self.head.predict_batch({}, fast, h)
             if x.shape[0] == 1:
                 one = {n: t[0] for n, t in fast.items()}
                 return self.learner.predict(self.params, one, x[0]).unsqueeze(0)
@@ -471,7 +511,7 @@ def autograd_adapt(
     the same update, two to four times faster for a lone request on the CPU."""
     fast, frozen = learner.split(params)
     with torch.no_grad():
-        h = learner.features(frozen, x)
+        h = body_features(learner, frozen, x)
     fast = {n: p.detach().requires_grad_() for n, p in fast.items()}
     loss_before: Tensor | None = None
     for step in range(steps):

@@ -13,7 +13,15 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from models.batched import BatchedLearner, BytesPacker, autograd_adapt, pad_batch, stack, unstack
+from models.batched import (
+    CPU_BODY_ROWS,
+    BatchedLearner,
+    BytesPacker,
+    autograd_adapt,
+    pad_batch,
+    stack,
+    unstack,
+)
 from models.maml import (
     AdaptResult,
     InnerLoopConfig,
@@ -219,20 +227,67 @@ def test_a_standardized_mlp_takes_the_bmm_path() -> None:
         close(out[i], learner.predict(params, fast, queries[i]))
 
 
-def test_a_conv_net_takes_the_vmap_path_head_only() -> None:
+@pytest.mark.parametrize("learned_lr", RATES)
+def test_a_conv_net_takes_the_vmap_path_head_only(learned_lr: LearnedLr) -> None:
     net = Conv4(channels=4, blocks=2, groups=2, image_size=8, out_features=3)
     torch.manual_seed(0)
-    learner = Learner(net, cross_entropy_loss, InnerLoopConfig(steps=3, lr=0.5, adapt="head"))
+    inner = InnerLoopConfig(steps=3, lr=0.5, adapt="head", learned_lr=learned_lr)
+    learner = Learner(net, cross_entropy_loss, inner)
     params = {n: p.detach().clone() for n, p in net.named_parameters()}
-    batch = BatchedLearner(learner, params, {})
+    lrs = {n: t * (0.5 + torch.rand_like(t)) for n, t in learner.init_lrs(params).items()}
+    batch = BatchedLearner(learner, params, lrs)
     assert batch.path == "vmap"
-    xs = [torch.randn(k, 1, 8, 8) for k in (3, 6)]
-    ys = [torch.randint(0, 3, (k,)) for k in (3, 6)]
+    xs = [torch.randn(k, 1, 8, 8) for k in (3, 6, 1)]
+    ys = [torch.randint(0, 3, (k,)) for k in (3, 6, 1)]
     x, y, w = pad_batch(xs, ys)
     result = batch.adapt(x, y, w)
     assert set(result.fast) == {"head.weight", "head.bias"}
+    for i in range(3):
+        assert_same_client(result, i, alone(learner, params, lrs, xs[i], ys[i], 3, None))
+    queries = torch.randn(3, 5, 1, 8, 8)
+    out = batch.predict(result.fast, queries)  # (B, Q, 3)
+    for i, fast in enumerate(unstack(result.fast)):
+        close(out[i], learner.predict(params, fast, queries[i]))
+
+
+def test_a_body_run_in_chunks_on_the_cpu_gives_the_same_clients() -> None:
+    """Support sets longer than ``CPU_BODY_ROWS`` go through the body in chunks, alone
+    (plain autograd) and batched; the heads and predictions are those of one call."""
+    net = Conv4(channels=4, blocks=2, groups=2, image_size=8, out_features=3)
+    torch.manual_seed(0)
+    learner = Learner(net, cross_entropy_loss, InnerLoopConfig(steps=2, lr=0.5, adapt="head"))
+    params = {n: p.detach().clone() for n, p in net.named_parameters()}
+    sizes = (CPU_BODY_ROWS + 9, 3)
+    xs = [torch.randn(k, 1, 8, 8) for k in sizes]
+    ys = [torch.randint(0, 3, (k,)) for k in sizes]
+    batch = BatchedLearner(learner, params, {})
+    x, y, w = pad_batch(xs, ys)
+    both = batch.adapt(x, y, w)
+    lone = batch.adapt(x[:1], y[:1], w[:1])
     for i in range(2):
-        assert_same_client(result, i, alone(learner, params, {}, xs[i], ys[i], 3, None))
+        assert_same_client(both, i, alone(learner, params, {}, xs[i], ys[i], 2, None))
+    assert_same_client(lone, 0, alone(learner, params, {}, xs[0], ys[0], 2, None))
+    queries = torch.randn(1, 2 * CPU_BODY_ROWS, 1, 8, 8)
+    close(
+        batch.predict(lone.fast, queries)[0],
+        learner.predict(params, unstack(lone.fast)[0], queries[0]),
+    )
+
+
+def test_padding_rows_never_reach_the_body_of_a_head_only_net() -> None:
+    """The body runs on the real rows alone: whatever the padding holds (here NaN), each
+    client's head is the one it gets alone."""
+    net = Conv4(channels=4, blocks=2, groups=2, image_size=8, out_features=3)
+    torch.manual_seed(0)
+    learner = Learner(net, cross_entropy_loss, InnerLoopConfig(steps=2, lr=0.5, adapt="head"))
+    params = {n: p.detach().clone() for n, p in net.named_parameters()}
+    xs = [torch.randn(k, 1, 8, 8) for k in (2, 5)]
+    ys = [torch.randint(0, 3, (k,)) for k in (2, 5)]
+    x, y, w = pad_batch(xs, ys)
+    x[0, 2:] = float("nan")  # client 0's padding
+    result = BatchedLearner(learner, params, {}).adapt(x, y, w)
+    for i in range(2):
+        assert_same_client(result, i, alone(learner, params, {}, xs[i], ys[i], 2, None))
 
 
 @pytest.mark.parametrize("path", ["bmm", "vmap"])
