@@ -3,7 +3,7 @@
 #   make serve        migrate, then serve on 127.0.0.1:8000 (PORT=9000 make serve)
 #   make test         the whole test suite
 #   make lint         ruff + mypy
-#   make bench        the four benchmarks of README.md#benchmarks (~6 min; installs wrk)
+#   make bench        the five benchmarks of README.md#benchmarks (~9 min; installs wrk)
 #
 # The virtual environment is created once and reinstalled only when pyproject.toml
 # changes. torch is installed first: TORCH names it (the CPU wheel that pip finds on
@@ -50,7 +50,8 @@ lint: $(STAMP)
 	$(BIN)/mypy models service migrations
 
 # In-process adaptation, HTTP batching on/off, the params cache under a working set five
-# times its size, storage per version: each prints a table (README.md#benchmarks).
+# times its size, storage per version, image adaptation: each prints a table
+# (README.md#benchmarks).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 bench: $(STAMP)
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk; }
@@ -59,6 +60,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_cache --seconds 4 --repeats 3
 	FASTADAPT_TEST_POSTGRES_URL="$${FASTADAPT_TEST_POSTGRES_URL-postgresql+psycopg://postgres@127.0.0.1:5432/test}" \
 	  $(BIN)/python -m benchmarks.bench_storage
+	$(BIN)/python -m benchmarks.bench_images
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
