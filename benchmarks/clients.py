@@ -4,17 +4,17 @@ minutes for 10,000 on two cores). Shared by the cache and storage benchmarks."""
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import Future
 from pathlib import Path
 
 from benchmarks.support_sets import STEPS, supports
 from models.checkpoint import MetaModel
+from service import usecases
 from service.engine import Adapted, AdaptJob
 from service.engine.core import Engine, EngineConfig
 from service.store import migrate, repository
 from service.store.session import connect, session_factory
-from service.store.tables import DEFAULT_TENANT, ClientVersion, utcnow
+from service.store.tables import DEFAULT_TENANT, ClientVersion
 
 ARTIFACT = Path(__file__).resolve().parent.parent / "models" / "artifacts" / "sinusoid"
 
@@ -24,8 +24,8 @@ def sinusoid() -> MetaModel:
 
 
 def adapted_rows(meta: MetaModel, count: int, prefix: str = "bench-") -> list[ClientVersion]:
-    """``count`` clients ``<prefix>0`` ... adapted (10 steps) and made rows as
-    ``usecases.adapt`` makes them."""
+    """``count`` clients ``<prefix>0`` ... adapted (10 steps), as rows of
+    ``usecases.version_row`` (what ``usecases.adapt`` stores)."""
     sets = supports(count)
     engine = Engine({meta.name: meta}, EngineConfig(device="cpu", queue_size=count + 1))
     engine.start()
@@ -37,22 +37,14 @@ def adapted_rows(meta: MetaModel, count: int, prefix: str = "bench-") -> list[Cl
     finally:
         engine.stop()
     return [
-        ClientVersion(
+        usecases.version_row(
             tenant_id=DEFAULT_TENANT,
             client_id=f"{prefix}{i}",
-            meta_model=meta.name,
-            meta_model_version=meta.version,
-            params=adapted.params,
-            support_inputs=json.dumps(x, separators=(",", ":")),
-            support_targets=json.dumps(y, separators=(",", ":")),
-            support_size=len(x),
-            inner_steps=adapted.steps,
-            inner_lr=adapted.lr,
-            support_loss_before=adapted.loss_before,
-            support_loss_after=adapted.loss_after,
-            adapt_ms=adapted.adapt_ms,
+            model=meta,
+            adapted=adapted,
+            inputs=x,
+            targets=y,
             labels=None,
-            created_at=utcnow(),
         )
         for i, ((x, y), adapted) in enumerate(zip(sets, results, strict=True))
     ]

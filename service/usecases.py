@@ -22,7 +22,7 @@ from models.checkpoint import MetaModel
 from models.tasks import image_preprocess
 from service import inputs as parse
 from service import validation
-from service.engine import AdaptJob, Engine
+from service.engine import Adapted, AdaptJob, Engine
 from service.errors import Conflict, InvalidInput, NotFound, Unavailable
 from service.inputs import Label, RawInput
 from service.settings import Settings
@@ -127,7 +127,37 @@ def adapt(
             f"the adaptation diverged (support loss {adapted.loss_before:g} -> "
             f"{adapted.loss_after:g}); lower inner_lr or inner_steps, or rescale the data",
         )
-    row = ClientVersion(
+    row = version_row(
+        tenant_id=tenant_id,
+        client_id=client_id,
+        model=model,
+        adapted=adapted,
+        inputs=inputs,
+        targets=targets,
+        labels=labels,
+    )
+    ticket = engine.ticket()  # before the write: a delete from now on keeps the params uncached
+    try:
+        commits.append(session=session, row=row)  # committed with concurrent adaptations
+    except IntegrityError:  # the row lock makes this unexpected; the primary key still holds
+        raise Conflict(f"client {client_id!r} was adapted concurrently; retry") from None
+    engine.prime(model.name, (tenant_id, client_id, row.version), adapted.params, ticket)
+    return row
+
+
+def version_row(
+    *,
+    tenant_id: str,
+    client_id: str,
+    model: MetaModel,
+    adapted: Adapted,
+    inputs: Sequence[RawInput],
+    targets: Sequence[float | str],
+    labels: list[Label] | None,
+) -> ClientVersion:
+    """A client's next version, not yet stored: the adapted params, the support set as the
+    client sent it, the labels, the inner-loop settings and losses."""
+    return ClientVersion(
         tenant_id=tenant_id,
         client_id=client_id,
         meta_model=model.name,
@@ -144,13 +174,6 @@ def adapt(
         labels=labels,
         created_at=utcnow(),
     )
-    ticket = engine.ticket()  # before the write: a delete from now on keeps the params uncached
-    try:
-        commits.append(session=session, row=row)  # committed with concurrent adaptations
-    except IntegrityError:  # the row lock makes this unexpected; the primary key still holds
-        raise Conflict(f"client {client_id!r} was adapted concurrently; retry") from None
-    engine.prime(model.name, (tenant_id, client_id, row.version), adapted.params, ticket)
-    return row
 
 
 def predict(
