@@ -15,6 +15,7 @@ import argparse
 import math
 import sys
 import time
+from collections import Counter
 
 import torch
 from torch import Tensor
@@ -35,15 +36,48 @@ def accuracies(
     seed: int,
 ) -> Tensor:
     """Per-task query accuracies (tasks,) through ``MetaModel.adapt`` + ``predict``."""
+    return meta_test(model, split, way, shot, tasks, queries, seed)[0]
+
+
+def meta_test(
+    model: MetaModel,
+    split: omniglot.Split,
+    way: int,
+    shot: int,
+    tasks: int,
+    queries: int,
+    seed: int,
+) -> tuple[Tensor, Counter[tuple[str, str]]]:
+    """Per-task query accuracies (tasks,) and the errors by (true, predicted) character."""
     g = torch.Generator().manual_seed(seed)
     device = str(next(iter(model.params.values())).device)
     accs = []
+    errors: Counter[tuple[str, str]] = Counter()
     for _ in range(tasks):
-        ep = omniglot.sample(g, split, 1, way, shot, queries).to(device)
+        ep = omniglot.sample(g, split, 1, way, shot, queries)
+        classes = ep.classes[0].tolist() if ep.classes is not None else []  # (N,)
+        ep = ep.to(device)
         fast = model.adapt(ep.xs[0], ep.ys[0]).fast  # support (N*K, 1, 28, 28), labels (N*K,)
         logits = model.predict(fast, ep.xq[0])[:, :way]  # (N*Q, N): the task's own labels
-        accs.append((logits.argmax(-1) == ep.yq[0]).float().mean())
-    return torch.stack(accs).cpu()
+        predicted = logits.argmax(-1)
+        accs.append((predicted == ep.yq[0]).float().mean())
+        wrong = (predicted != ep.yq[0]).nonzero().flatten().tolist()
+        for t, p in zip(ep.yq[0][wrong].tolist(), predicted[wrong].tolist(), strict=True):
+            errors[split.names[classes[t]], split.names[classes[p]]] += 1
+    return torch.stack(accs).cpu(), errors
+
+
+def confusion_table(errors: Counter[tuple[str, str]], queries: int, top: int) -> str:
+    """The ``top`` (true, predicted) character pairs by errors, as a markdown table."""
+    total = sum(errors.values())
+    lines = [
+        f"{total} errors in {queries} queries; the {top} most frequent confusions:",
+        "| true | predicted | errors | share of errors |",
+        "|---|---|---:|---:|",
+    ]
+    for (true, predicted), n in errors.most_common(top):
+        lines.append(f"| {true} | {predicted} | {n} | {100 * n / max(total, 1):.1f}% |")
+    return "\n".join(lines)
 
 
 def mean_ci(accs: Tensor) -> tuple[float, float]:
@@ -69,6 +103,13 @@ def main(argv: list[str]) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--confusions",
+        type=int,
+        default=0,
+        metavar="TOP",
+        help="after each row, the TOP character pairs the model confuses most",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
@@ -86,18 +127,24 @@ def main(argv: list[str]) -> None:
     print(
         f"Omniglot meta-test: artifact {args.artifact} (sha256 {model.version[:12]}), "
         f"held-out alphabets {held} ({split.classes} characters)\n"
-        f"adaptation: adapt={inner.adapt} steps={inner.steps} learned_lr={inner.learned_lr}; "
+        f"adaptation: adapt={inner.adapt} steps={inner.steps} learned_lr={inner.learned_lr} "
+        f"support_shifts={model.config.task.get('support_shifts')}; "
         f"{args.tasks} tasks per row, {args.queries} queries per class, seed {args.seed}\n"
     )
     print("| way | shot | accuracy | 95% CI | s/task |")
     print("|----:|-----:|---------:|-------:|-------:|")
+    confused: list[tuple[int, int, Counter[tuple[str, str]]]] = []
     for way, shot in protocols:
         t0 = time.perf_counter()
-        accs = accuracies(model, split, way, shot, args.tasks, args.queries, args.seed)
+        accs, errors = meta_test(model, split, way, shot, args.tasks, args.queries, args.seed)
         per_task = (time.perf_counter() - t0) / args.tasks
         mean, ci = mean_ci(accs)
         print(f"| {way} | {shot} | {100 * mean:.2f}% | ± {100 * ci:.2f}% | {per_task:.3f} |")
+        confused.append((way, shot, errors))
         sys.stdout.flush()
+    for way, shot, errors in confused if args.confusions > 0 else []:
+        queries = args.tasks * way * args.queries
+        print(f"\n{way}-way {shot}-shot: " + confusion_table(errors, queries, args.confusions))
 
 
 if __name__ == "__main__":

@@ -20,11 +20,13 @@ class Episode:
     xq: Tensor  # (B, Q, ...) query inputs
     yq: Tensor  # (B, Q, O) or (B, Q)
     wq: Tensor  # (B, Q) query weights
+    classes: Tensor | None = None  # (B, N) the split's class behind each label, if any
 
     def to(self, device: str) -> Episode:
-        return Episode(
-            *(t.to(device) for t in (self.xs, self.ys, self.ws, self.xq, self.yq, self.wq))
+        xs, ys, ws, xq, yq, wq = (
+            t.to(device) for t in (self.xs, self.ys, self.ws, self.xq, self.yq, self.wq)
         )
+        return Episode(xs, ys, ws, xq, yq, wq, self.classes)
 
 
 IMAGE_FAMILIES = ("omniglot",)

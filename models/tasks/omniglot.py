@@ -171,16 +171,18 @@ def sample(
     """``tasks`` N-way K-shot tasks with ``queries`` query images per class.
 
     Labels 0..way-1 are assigned to randomly drawn classes; xs (B, N*K, 1, 28, 28),
-    ys (B, N*K), xq (B, N*Q, 1, 28, 28), yq (B, N*Q); all weights are 1.
+    ys (B, N*K), xq (B, N*Q, 1, 28, 28), yq (B, N*Q); all weights are 1; classes (B, N)
+    holds the split's index of each label's class.
     """
     if not 1 <= way <= split.classes:
         raise ValueError(f"way {way} outside 1..{split.classes}")
     drawings = split.images.shape[1]
     if shot + queries > drawings:
         raise ValueError(f"shot + queries = {shot + queries} > {drawings} drawings per class")
-    xs, xq = [], []
+    xs, xq, drawn = [], [], []
     for _ in range(tasks):
         classes = torch.randperm(split.classes, generator=g)[:way]  # (N,)
+        drawn.append(classes)
         order = torch.argsort(torch.rand(way, drawings, generator=g), dim=1)
         picked = split.images[classes.unsqueeze(1), order[:, : shot + queries]]  # (N, K+Q, ...)
         xs.append(picked[:, :shot].reshape(way * shot, *INPUT_SHAPE))
@@ -195,6 +197,7 @@ def sample(
         xq=torch.stack(xq),
         yq=yq.contiguous(),
         wq=torch.ones(tasks, way * queries),
+        classes=torch.stack(drawn),
     )
 
 

@@ -206,6 +206,22 @@ def test_shipped_artifact_adapts_to_held_out_alphabets(data: omniglot.Omniglot) 
     assert float(accs.mean()) > 0.85
 
 
+@needs_data
+@pytest.mark.skipif(not (ARTIFACT / "config.json").exists(), reason="artifact not shipped")
+def test_meta_test_counts_each_error_by_character_pair(data: omniglot.Omniglot) -> None:
+    from models.evaluate_omniglot import accuracies, confusion_table, held_out_split, meta_test
+
+    model = MetaModel.load(ARTIFACT)
+    split = held_out_split(model, data)
+    accs, errors = meta_test(model, split, way=20, shot=1, tasks=6, queries=5, seed=3)
+    assert torch.equal(accs, accuracies(model, split, way=20, shot=1, tasks=6, queries=5, seed=3))
+    wrong = round(float((1 - accs).sum()) * 20 * 5)
+    assert sum(errors.values()) == wrong > 0
+    assert all(t != p and {t, p} <= set(split.names) for t, p in errors)
+    table = confusion_table(errors, 6 * 20 * 5, top=2)
+    assert table.startswith(f"{wrong} errors in 600 queries") and table.count("\n") == 4
+
+
 # -- the training recipe ------------------------------------------------------------------
 @needs_data
 def test_training_recipe_smoke_and_resume(tmp_path: Path) -> None:
