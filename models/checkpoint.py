@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from models import nets
+from models.augment import SupportShifts
 from models.maml import LOSSES, AdaptResult, InnerLoopConfig, Learner
 from models.params import Params, detached, from_bytes, sha256, to_bytes
 
@@ -69,6 +70,7 @@ class MetaModel:
         self.params = detached(params)
         self.lrs = detached(lrs)
         self.version = version
+        self.support_shifts = SupportShifts.from_task(config.task)  # None: sets stay as given
 
     @property
     def name(self) -> str:
@@ -89,8 +91,11 @@ class MetaModel:
         steps: int | None = None,
         lr: float | None = None,
     ) -> AdaptResult:
-        """One client's adaptation: x (K, ...), y (K, O) or (K,), optional weights (K,)."""
+        """One client's adaptation: x (K, ...), y (K, O) or (K,), optional weights (K,).
+        Image support sets are first augmented as the artifact was meta-trained."""
         w = torch.ones(x.shape[0], device=x.device) if w is None else w
+        if self.support_shifts is not None:
+            x, y, w = self.support_shifts.expand(x, y, w)
         with torch.no_grad():
             return self.learner.adapt(self.params, self.lrs, x, y, w, steps=steps, lr=lr)
 

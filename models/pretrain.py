@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models import nets
+from models.augment import SupportShifts
 from models.checkpoint import ArtifactConfig, MetaModel
 from models.evaluate_omniglot import accuracies
 from models.maml import LOSSES, InnerLoopConfig, Learner
@@ -83,6 +84,8 @@ class RecipeConfig:
     queries: int = 5  # query images per class in training episodes
     inner_steps: int = 10
     inner_lr: float = 5.0  # initial inner step size (unit features; 20+ diverges early on)
+    support_shifts: int = 0  # > 0: support sets gain copies shifted this many pixels
+    support_max_images: int = 100  # ... when they stay within this many images (augment.py)
     # validation: 20-way 1-shot on the held-out alphabets through the served path
     val_tasks: int = 100
     val_every: int = 5  # epochs in stage 1; x 20 iterations in stage 2
@@ -156,6 +159,10 @@ class Trainer:
             "preprocess": omniglot.PREPROCESS,
             "split": omniglot.split_record(data),
         }
+        self.shifts = None
+        if cfg.support_shifts > 0:
+            self.shifts = SupportShifts(cfg.support_shifts, cfg.support_max_images)
+            self.task["support_shifts"] = self.shifts.to_dict()
         self.training = {
             "command": "python -m models.pretrain "
             + shlex.join(a for a in argv if a != "--resume"),
@@ -277,7 +284,11 @@ class Trainer:
             for n, p in self.net.named_parameters():
                 if n in body:
                     p.copy_(body[n].to(self.device))
-        self.training["init"] = {"artifact": directory, "sha256": source.version}
+        self.training["init"] = {  # with how the init was trained: the full provenance
+            "artifact": directory,
+            "sha256": source.version,
+            "training": source.config.training,
+        }
 
     def model(self, learned: bool) -> MetaModel:
         body: Params = {n: p for n, p in self.net.named_parameters() if n.startswith("body.")}
@@ -336,6 +347,8 @@ class Trainer:
         xs = self.augment(ep.xs.flatten(0, 1)).reshape(ep.xs.shape)
         xq = self.augment(ep.xq.flatten(0, 1)).reshape(ep.xq.shape)
         ys, ws, yq = (t.to(self.device) for t in (ep.ys, ep.ws, ep.yq))
+        if self.shifts is not None:  # as served: MetaModel.adapt expands the same way
+            xs, ys, ws = self.shifts.expand(xs, ys, ws)
         params: Params = dict(self.served.named_parameters())
         fast = self.learner.adapt_batch(params, self.lrs, xs, ys, ws, create_graph=True).fast
         logits = self.learner.predict_batch(params, fast, xq)  # (B, Q, 20)
@@ -409,6 +422,8 @@ class Trainer:
         if c.proto_episodes > 0 and not (self.out / "stage1b" / "config.json").exists():
             self.model(learned=False).save(self.out / "stage1b")  # the prototype-tuned body
         window = []
+        if c.meta_lr == 0:  # stage 2 learns the inner rates alone: no gradients for the body
+            self.net.body.requires_grad_(False)
         while self.done < self.total:
             it = self.done - self.stage1b
             lr = 0.5 * c.meta_lr * (1 + math.cos(math.pi * it / max(c.iterations, 1)))
@@ -461,6 +476,14 @@ def parse(argv: list[str]) -> tuple[RecipeConfig, argparse.Namespace]:
     p.add_argument("--inner-lr", type=float, default=base.inner_lr)
     p.add_argument("--inner-steps", type=int, default=base.inner_steps)
     p.add_argument("--val-tasks", type=int, default=base.val_tasks)
+    p.add_argument(
+        "--support-shifts",
+        type=int,
+        default=base.support_shifts,
+        metavar="PIXELS",
+        help="stage 2 and serving: add support copies shifted this far (0: off; augment.py)",
+    )
+    p.add_argument("--support-max-images", type=int, default=base.support_max_images)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -484,6 +507,8 @@ def parse(argv: list[str]) -> tuple[RecipeConfig, argparse.Namespace]:
         inner_lr=args.inner_lr,
         inner_steps=args.inner_steps,
         val_tasks=args.val_tasks,
+        support_shifts=args.support_shifts,
+        support_max_images=args.support_max_images,
     )
     return cfg, args
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from models.batched import BatchedLearner, BytesPacker, Path
+from models.batched import BatchedLearner, BytesPacker, Path, pad_batch
 from models.checkpoint import MetaModel
 from models.maml import Learner
 from models.params import to
@@ -96,6 +96,7 @@ class ModelRunner:
         self.input_shape = config.input_shape
         self.classify = config.kind == "classification"
         self.inner = config.inner
+        self.shifts = meta_model.support_shifts  # image support sets grow as meta-trained
         net = copy.deepcopy(meta_model.net).to(device)  # buffers (Standardize) included
         learner = Learner(net, meta_model.learner.loss, config.inner)
         params = to(meta_model.params, device)
@@ -181,16 +182,7 @@ class ModelRunner:
     # -- batches, on the worker thread --------------------------------------------------------
     def adapt(self, works: Sequence[AdaptWork]) -> list[Adapted]:
         start = time.perf_counter()
-        k = max(len(a.inputs) for a in works)
-        x = self._tensor([a.inputs for a in works], k)  # (B, K, *input_shape)
-        if self.classify:
-            y = torch.tensor(_padded([a.targets for a in works], k, 0), dtype=torch.long)  # (B, K)
-        else:
-            fill = 0.0 if self.outputs == 1 else [0.0] * (self.outputs or 1)
-            y = torch.tensor(_padded([a.targets for a in works], k, fill), dtype=torch.float32)
-            y = y.reshape(len(works), k, -1)  # (B, K, O)
-        sizes = torch.tensor([len(a.inputs) for a in works])
-        w = (torch.arange(k) < sizes[:, None]).float()  # (B, K): 0 on padding
+        x, y, w = self._support(works)
         result = self.batched.adapt(
             x.to(self.device),
             y.to(self.device),
@@ -206,6 +198,25 @@ class ModelRunner:
             Adapted(blob, lb, la, work.steps, work.lr, ms)
             for blob, lb, la, work in zip(blobs, before, after, works, strict=True)
         ]
+
+    def _support(self, works: Sequence[AdaptWork]) -> tuple[Tensor, Tensor, Tensor]:
+        """The batch's support sets, zero-padded: x (B, K, *input_shape), y (B, K) class
+        indices or (B, K, O), w (B, K) with 0 on padding; augmented per client first where
+        the meta-model was meta-trained that way."""
+        k = max(len(a.inputs) for a in works)
+        x = self._tensor([a.inputs for a in works], k)  # (B, K, *input_shape)
+        if self.classify:
+            y = torch.tensor(_padded([a.targets for a in works], k, 0), dtype=torch.long)  # (B, K)
+        else:
+            fill = 0.0 if self.outputs == 1 else [0.0] * (self.outputs or 1)
+            y = torch.tensor(_padded([a.targets for a in works], k, fill), dtype=torch.float32)
+            y = y.reshape(len(works), k, -1)  # (B, K, O)
+        sizes = [len(a.inputs) for a in works]
+        w = (torch.arange(k) < torch.tensor(sizes)[:, None]).float()  # (B, K): 0 on padding
+        if self.shifts is None:
+            return x, y, w
+        grown = [self.shifts.expand(x[i, :n], y[i, :n], w[i, :n]) for i, n in enumerate(sizes)]
+        return pad_batch([g[0] for g in grown], [g[1] for g in grown])
 
     def predict(self, works: Sequence[PredictWork]) -> list[list[list[float]]]:
         q = max(len(p.inputs) for p in works)

@@ -48,8 +48,9 @@ def meta_model(
     return MetaModel(config, params, lrs, version=f"test-{name}")
 
 
-def conv_meta_model(name: str) -> MetaModel:
-    """A tiny untrained Conv4 classifier of 8x8 images, adapting its head (ANIL)."""
+def conv_meta_model(name: str, support_shifts: dict[str, int] | None = None) -> MetaModel:
+    """A tiny untrained Conv4 classifier of 8x8 images, adapting its head (ANIL); with
+    ``support_shifts``, meta-trained (as it were) on support sets grown by shifted copies."""
     torch.manual_seed(4)
     architecture: dict[str, Any] = {
         "kind": "conv4",
@@ -66,6 +67,8 @@ def conv_meta_model(name: str) -> MetaModel:
         task={"kind": "classification", "input_shape": [1, 8, 8], "output": "test"},
         inner=InnerLoopConfig(steps=3, lr=0.5, adapt="head"),
     )
+    if support_shifts is not None:
+        config.task["support_shifts"] = support_shifts
     net = nets.build(architecture)
     params = {n: p.detach().clone() for n, p in net.named_parameters()}
     return MetaModel(config, params, {}, version=f"test-{name}")
@@ -81,4 +84,5 @@ def meta_models() -> dict[str, MetaModel]:
         ),
         "classes": meta_model("classes", classes=3, in_features=4, seed=2),
         "images": conv_meta_model("images"),
+        "images-shifted": conv_meta_model("images-shifted", {"pixels": 1, "max_images": 20}),
     }

@@ -187,6 +187,29 @@ def test_a_conv_net_adapts_its_head_through_the_vmap_path(
         engine.forget("t", "img")
 
 
+def test_support_sets_grow_per_client_as_the_artifact_was_trained(
+    engine: Engine, meta_models: dict[str, MetaModel]
+) -> None:
+    meta, plain = meta_models["images-shifted"], meta_models["images"]
+    g = torch.Generator().manual_seed(1)
+    jobs = [  # 3 rows grow to 15 (<= 20); 6 rows would be 30 and stay as given
+        AdaptJob(
+            "images-shifted",
+            torch.rand(k, 64, generator=g).tolist(),
+            [0, 1, 2] * (k // 3),
+            None,
+            None,
+        )
+        for k in (3, 6)
+    ]
+    results = submit_from_threads(engine, jobs)
+    for job, adapted in zip(jobs, results, strict=True):
+        assert_matches_alone(meta, job, adapted)  # MetaModel.adapt grows the set itself
+    small = torch.tensor(jobs[0].inputs).reshape(3, 1, 8, 8)
+    unshifted = plain.adapt(small, torch.tensor([0, 1, 2])).fast["head.weight"]
+    assert not torch.allclose(from_bytes(results[0].params)["head.weight"], unshifted)
+
+
 def test_predictions_batch_across_clients_and_equal_single_ones(
     engine: Engine, meta_models: dict[str, MetaModel]
 ) -> None:

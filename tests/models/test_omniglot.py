@@ -255,7 +255,11 @@ def test_training_recipe_prototypical_stage_from_an_artifact(tmp_path: Path) -> 
     argv += ["--iterations", "1"]
     pretrain.main(argv)
     model = MetaModel.load(out)
-    assert model.config.training["init"] == {"artifact": str(first), "sha256": start.version}
+    assert model.config.training["init"] == {
+        "artifact": str(first),
+        "sha256": start.version,
+        "training": start.config.training,
+    }
     assert model.config.training["recipe"]["proto_episodes"] == 2
     assert (out / "stage1b" / "config.json").exists()
     tuned = MetaModel.load(out / "stage1b")
@@ -266,3 +270,22 @@ def test_training_recipe_prototypical_stage_from_an_artifact(tmp_path: Path) -> 
     assert MetaModel.load(out).version == model.version
     with pytest.raises(ValueError, match="architecture"):  # a body of another width
         pretrain.main([*argv[:-2], "--channels", "16", "--out", str(tmp_path / "bad")])
+
+
+@needs_data
+def test_training_recipe_records_support_shifts_and_can_learn_rates_alone(tmp_path: Path) -> None:
+    from models import pretrain
+
+    common = ["--data", str(DATA), "--val-tasks", "1", "--channels", "8", "--device", "cpu"]
+    first = tmp_path / "first"
+    pretrain.main([*common, "--out", str(first), "--epochs", "0", "--iterations", "0"])
+    out = tmp_path / "shifted"
+    argv = [*common, "--out", str(out), "--init", str(first), "--epochs", "0"]
+    argv += ["--iterations", "2", "--meta-lr", "0", "--support-shifts", "1"]
+    pretrain.main(argv)
+    start, model = MetaModel.load(first), MetaModel.load(out)
+    assert model.config.task["support_shifts"] == {"pixels": 1, "max_images": 100}
+    assert model.support_shifts is not None and start.support_shifts is None
+    for name, tensor in start.params.items():  # --meta-lr 0: the body is the init's
+        assert torch.equal(model.params[name], tensor), name
+    assert any(float((t - 5.0).abs().max()) > 0 for t in model.lrs.values())  # rates learned
