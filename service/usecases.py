@@ -145,6 +145,48 @@ def adapt(
     return row
 
 
+def readapt(
+    *,
+    session: Session,
+    engine: Engine,
+    commits: GroupCommit,
+    meta_models: MetaModels,
+    settings: Settings,
+    tenant_id: str,
+    client_id: str,
+    version: int | None = None,
+    inner_steps: int | None = None,
+    inner_lr: float | None = None,
+) -> ClientVersion:
+    """Adapt a stored version's support set again (the current version's by default) to
+    the meta-model of the same name as loaded now, with that meta-model's inner-loop
+    defaults unless overridden; the result is the client's new version. After an artifact
+    is replaced, this brings a client onto it without the client sending its data again."""
+    row = repository.get_version(
+        session=session, tenant_id=tenant_id, client_id=client_id, version=version
+    )
+    if row is None:
+        raise _missing(session=session, tenant_id=tenant_id, client_id=client_id, version=version)
+    meta_model = row.meta_model
+    inputs = json.loads(row.support_inputs)  # as the client sent them: rows, arrays or images
+    targets = json.loads(row.support_targets)
+    session.close()  # nothing pending: adapt() appends the new version through the group commit
+    return adapt(
+        session=session,
+        engine=engine,
+        commits=commits,
+        meta_models=meta_models,
+        settings=settings,
+        tenant_id=tenant_id,
+        client_id=client_id,
+        meta_model=meta_model,
+        inputs=inputs,
+        targets=targets,
+        inner_steps=inner_steps,
+        inner_lr=inner_lr,
+    )
+
+
 def version_row(
     *,
     tenant_id: str,
@@ -200,7 +242,8 @@ def predict(
         loaded = "not loaded" if model is None else f"loaded at {model.version[:12]}"
         raise Conflict(
             f"client {client_id!r} version {row.version} was adapted from meta-model "
-            f"{row.meta_model}@{row.meta_model_version[:12]}, which is {loaded}; adapt it again"
+            f"{row.meta_model}@{row.meta_model_version[:12]}, which is {loaded}; adapt it "
+            f"again (POST /v1/clients/{client_id}/readaptations reuses its support set)"
         )
     x = parse.rows(model, inputs, field=field, settings=settings)
     labels = row.labels

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Body, Query, Response
 
 from service import usecases
 from service.api.deps import (
@@ -26,6 +26,7 @@ from service.api.schemas import (
     PredictionRequest,
     PredictionResponse,
     QueryNumber,
+    ReadaptRequest,
     Status,
 )
 
@@ -82,6 +83,36 @@ def adapt(
         meta_model=body.meta_model,
         inputs=body.support.inputs,
         targets=body.support.targets,
+        inner_steps=body.inner_steps,
+        inner_lr=body.inner_lr,
+    )
+    return AdaptResponse.model_validate(version)
+
+
+@router.post("/v1/clients/{client_id}/readaptations", status_code=201, tags=["clients"])
+def readapt(
+    client_id: ClientId,
+    session: SessionDep,
+    engine: EngineDep,
+    commits: CommitsDep,
+    meta_models: MetaModelsDep,
+    settings: SettingsDep,
+    tenant_id: TenantDep,
+    body: Annotated[ReadaptRequest | None, Body()] = None,
+) -> AdaptResponse:
+    """Adapt a stored support set again to the meta-model as loaded now (after its
+    artifact was replaced, say); the result is the client's new version. No body (or
+    ``{}``): the current version's support set and the meta-model's defaults."""
+    body = body or ReadaptRequest.model_validate({})
+    version = usecases.readapt(
+        session=session,
+        engine=engine,
+        commits=commits,
+        meta_models=meta_models,
+        settings=settings,
+        tenant_id=tenant_id,
+        client_id=client_id,
+        version=body.version,
         inner_steps=body.inner_steps,
         inner_lr=body.inner_lr,
     )

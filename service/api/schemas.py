@@ -84,6 +84,16 @@ class AdaptRequest(Request):
     )
 
 
+class ReadaptRequest(Request):
+    version: Annotated[int, Field(strict=True, ge=1, le=MAX_VERSION)] | None = Field(
+        None, description="Whose support set to adapt again. Default: the current version's."
+    )
+    inner_steps: Count | None = Field(None, description="Default: the meta-model's.")
+    inner_lr: Number | None = Field(
+        None, description="Default: the meta-model's; not allowed when its rates are learned."
+    )
+
+
 class AdaptResponse(Response):
     client_id: str
     version: int

@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from conftest import build_artifact
 from fastapi.testclient import TestClient
 from sgd_reference import Reference
 from sqlalchemy import func, select
@@ -189,6 +191,39 @@ def test_a_client_adapted_from_another_meta_model_version_is_a_conflict(
     response = api.post("/v1/clients/alice/predictions", json={"inputs": [[0.0]]})
     assert response.status_code == 409
     assert "adapt it again" in response.json()["error"]["message"]
+    assert "/v1/clients/alice/readaptations" in response.json()["error"]["message"]
+
+
+def test_readaptation_moves_a_client_onto_a_replaced_artifact(
+    make_api: Any, tmp_path: Path, sinusoid: MetaModel
+) -> None:
+    before = make_api()
+    first = adapt(before, inner_steps=3)
+    replaced = build_artifact(tmp_path / "artifacts", "sinusoid", seed=9)  # same name, new weights
+    assert replaced.version != sinusoid.version
+    after = make_api(models_dir=tmp_path / "artifacts")
+    assert after.post("/v1/clients/alice/predictions", json={"inputs": [[0.5]]}).status_code == 409
+
+    response = after.post("/v1/clients/alice/readaptations")  # no body: current version
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["version"] == 2 and body["meta_model_version"] == replaced.version
+    assert body["support_size"] == len(XS) and body["inner_steps"] == 5  # the new defaults
+    fast = replaced.adapt(torch.tensor(XS), torch.tensor(YS).reshape(-1, 1)).fast
+    expected = replaced.predict(fast, torch.tensor([[0.5], [2.0]])).flatten().tolist()
+    got = predict(after, inputs=[[0.5], [2.0]])
+    assert got["version"] == 2 and got["predictions"] == pytest.approx(expected, rel=1e-5)
+    assert after.get("/v1/clients/alice").json()["current_version"] == 2
+    assert first["version"] == 1  # version 1 stays as it was, still tied to the old artifact
+
+    again = after.post("/v1/clients/alice/readaptations", json={"version": 1, "inner_steps": 2})
+    assert again.status_code == 201, again.text
+    assert (again.json()["version"], again.json()["inner_steps"]) == (3, 2)
+    assert after.post("/v1/clients/bob/readaptations").status_code == 404
+    missing = after.post("/v1/clients/alice/readaptations", json={"version": 9})
+    assert missing.status_code == 404
+    extra = after.post("/v1/clients/alice/readaptations", json={"support": {}})
+    assert extra.status_code == 422
 
 
 def test_two_dimensional_inputs(api: TestClient) -> None:

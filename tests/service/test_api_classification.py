@@ -119,6 +119,17 @@ def test_png_uploads_with_string_labels(api: TestClient) -> None:
     history = api.get("/v1/clients/ann").json()
     assert history["versions"][0]["labels"] == ["bar", "pole", "slash"]
 
+    # the stored PNGs and labels adapt again, to the same result on the same artifact
+    again = api.post("/v1/clients/ann/readaptations", json={})
+    assert again.status_code == 201, again.text
+    assert again.json()["version"] == 2 and again.json()["labels"] == ["bar", "pole", "slash"]
+    for field in ("support_size", "support_loss_before", "support_loss_after"):
+        assert again.json()[field] == pytest.approx(created.json()[field], rel=1e-6)
+    replay = api.post("/v1/clients/ann/predictions", json={"inputs": [images[k] for k in "hvd"]})
+    for now, then in zip(replay.json()["predictions"], predictions, strict=True):
+        assert now["label"] == then["label"]
+        assert now["probabilities"] == pytest.approx(then["probabilities"], rel=1e-5, abs=1e-9)
+
 
 def test_an_array_of_the_input_shape_equals_its_image(api: TestClient) -> None:
     images = [glyph(k) for k in "hv"]
