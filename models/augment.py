@@ -41,7 +41,11 @@ class SupportShifts:
     def from_task(cls, task: dict[str, Any]) -> SupportShifts | None:
         """The setting in an artifact's ``task`` block (None: support sets stay as given)."""
         spec = task.get("support_shifts")
-        return None if spec is None else cls(**spec)
+        if spec is None:
+            return None
+        if len(task.get("input_shape", ())) != 3:
+            raise ValueError(f"support_shifts needs (C, H, W) image inputs, not {task}")
+        return cls(**spec)
 
     def applies(self, images: int) -> bool:
         return COPIES * images <= self.max_images

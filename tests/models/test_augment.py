@@ -54,10 +54,13 @@ def test_sets_that_would_outgrow_max_images_stay_as_given() -> None:
 def test_the_setting_comes_from_the_task_block() -> None:
     assert SupportShifts.from_task({"kind": "classification"}) is None
     spec = {"pixels": 2, "max_images": 50}
-    assert SupportShifts.from_task({"support_shifts": spec}) == SupportShifts(2, 50)
+    images = {"input_shape": [1, 28, 28], "support_shifts": spec}
+    assert SupportShifts.from_task(images) == SupportShifts(2, 50)
     assert SupportShifts(2, 50).to_dict() == spec
     with pytest.raises(ValueError, match="pixels"):
         SupportShifts(pixels=0)
+    with pytest.raises(ValueError, match="image inputs"):  # rows of features are no images
+        SupportShifts.from_task({"input_shape": [4], "support_shifts": spec})
 
 
 def tiny(task_extra: dict[str, object]) -> MetaModel:
