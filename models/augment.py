@@ -3,11 +3,11 @@ five positions.
 
 A head adapted from one drawing per class fits that drawing's exact position; adding
 each support image's copies shifted by a pixel right, left, down and up makes it fit the
-character instead (+0.5 points at Omniglot 20-way 1-shot on held-out alphabets, none
+character instead (+0.45 points at Omniglot 20-way 1-shot on held-out alphabets, none
 at 5-shot, where the support set already varies). The copies are deterministic, so an
 adaptation is as reproducible as without them. Only support sets that stay within
-``max_images`` after the expansion are augmented, so an adaptation never runs the body
-over more images than the largest plain support set it would accept anyway.
+``max_images`` after the expansion are augmented, so the copies never make an
+adaptation run the body over more than ``max_images`` images.
 
 The artifact's ``config.json`` records the setting under ``task.support_shifts``;
 meta-training, evaluation and the service all expand support sets through ``expand``.

@@ -55,7 +55,8 @@ def meta_test(
     errors: Counter[tuple[str, str]] = Counter()
     for _ in range(tasks):
         ep = omniglot.sample(g, split, 1, way, shot, queries)
-        classes = ep.classes[0].tolist() if ep.classes is not None else []  # (N,)
+        assert ep.classes is not None  # omniglot.sample records each label's class
+        classes = ep.classes[0].tolist()  # (N,)
         ep = ep.to(device)
         fast = model.adapt(ep.xs[0], ep.ys[0]).fast  # support (N*K, 1, 28, 28), labels (N*K,)
         logits = model.predict(fast, ep.xq[0])[:, :way]  # (N*Q, N): the task's own labels
@@ -108,7 +109,7 @@ def main(argv: list[str]) -> None:
         type=int,
         default=0,
         metavar="TOP",
-        help="after each row, the TOP character pairs the model confuses most",
+        help="after the table, each row's TOP character pairs the model confuses most",
     )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
