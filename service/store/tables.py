@@ -95,8 +95,9 @@ class ClientVersion(Base):
     meta_model: Mapped[str] = mapped_column(String(128))
     meta_model_version: Mapped[str] = mapped_column(String(64))  # sha256 of its weights
     params: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)  # safetensors
-    support_inputs: Mapped[str] = mapped_column(Text, deferred=True)  # JSON, (K, D)
-    support_targets: Mapped[str] = mapped_column(Text, deferred=True)  # JSON, (K,)
+    # JSON, (K, D) and (K,); one deferred group: reading either loads both in one query
+    support_inputs: Mapped[str] = mapped_column(Text, deferred=True, deferred_group="support")
+    support_targets: Mapped[str] = mapped_column(Text, deferred=True, deferred_group="support")
     support_size: Mapped[int] = mapped_column(Integer)
     inner_steps: Mapped[int] = mapped_column(Integer)
     inner_lr: Mapped[float | None] = mapped_column(Float)  # None: the meta-model's learned rates
