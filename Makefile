@@ -2,7 +2,7 @@
 #
 #   make serve        migrate, then serve on 127.0.0.1:8000 (PORT=9000 make serve)
 #   make test         the whole test suite
-#   make lint         ruff + mypy
+#   make lint         ruff check, ruff format --check, mypy (CI runs it before the tests)
 #   make bench        the five benchmarks of README.md#benchmarks (~9 min; installs wrk)
 #
 # The virtual environment is created once and reinstalled only when pyproject.toml
@@ -44,10 +44,13 @@ test: $(STAMP)
 	FASTADAPT_TEST_POSTGRES_URL="$${FASTADAPT_TEST_POSTGRES_URL-postgresql+psycopg://postgres@127.0.0.1:5432/test}" \
 	  $(BIN)/python -m pytest -q tests
 
+# What CI runs before the tests: lint, format and types of the shipped code and the
+# benchmarks (tests are linted and formatted too).
+LINTED := models service migrations benchmarks
 lint: $(STAMP)
-	$(BIN)/ruff check models service migrations tests
-	$(BIN)/ruff format --check models service migrations tests
-	$(BIN)/mypy models service migrations
+	$(BIN)/ruff check $(LINTED) tests
+	$(BIN)/ruff format --check $(LINTED) tests
+	$(BIN)/mypy $(LINTED)
 
 # In-process adaptation, HTTP batching on/off, the params cache under a working set five
 # times its size, storage per version, image adaptation: each prints a table
