@@ -57,9 +57,11 @@ def test_shipped_artifact_outputs_are_unchanged(name: str) -> None:
     expected = json.loads(RECORD.read_text())[name]
     got = outputs(MetaModel.load(ARTIFACTS / name))
     assert got["sha256"] == expected["sha256"]
+    # 1e-5: the same arithmetic, but torch's thread count (which other tests change)
+    # reorders float32 sums; seen up to 1.4e-6 on logits of about 10
     for key in ("loss_before", "loss_after", "predictions"):
         torch.testing.assert_close(
-            torch.tensor(got[key]), torch.tensor(expected[key]), rtol=0, atol=1e-6
+            torch.tensor(got[key]), torch.tensor(expected[key]), rtol=0, atol=1e-5
         )
 
 
