@@ -5,7 +5,8 @@
 
 N-way K-shot support sets of 28x28 images (random pixels: the cost does not depend on
 them) adapted head-only as the artifact says, N clients in a closed loop through the
-engine (validation, micro-batcher, device worker, safetensors out); the baseline adapts
+engine (validated once beforehand, as ``service.requests`` does; micro-batcher, device
+worker, safetensors out); the baseline adapts
 one request at a time with ``MetaModel.adapt`` and serialises the result the same way.
 Prints adaptations per second and the latency of one adaptation alone (medians).
 """
@@ -23,18 +24,30 @@ import torch
 from benchmarks.bench_adapt import closed_loop, device_name, serial_rate
 from models.checkpoint import MetaModel
 from models.params import to_bytes
-from service.engine import configure_threads
-from service.engine.core import AdaptJob, Engine, EngineConfig
+from service import requests
+from service.engine import AdaptJob, Engine, EngineConfig, configure_threads
+from service.settings import Settings
 
 ARTIFACT = Path(__file__).resolve().parent.parent / "models" / "artifacts" / "omniglot"
 PROTOCOLS = ((20, 1), (20, 5), (5, 1))  # (way, shot)
 
 
-def support_sets(count: int, way: int, shot: int, pixels: int) -> list[AdaptJob]:
+def support_sets(meta: MetaModel, count: int, way: int, shot: int, pixels: int) -> list[AdaptJob]:
+    """Validated jobs (the meta-model's inner-loop defaults) of ``count`` random sets."""
     g = torch.Generator().manual_seed(0)
-    labels = [float(c) for c in range(way) for _ in range(shot)]  # (N*K,)
+    labels = [c for c in range(way) for _ in range(shot)]  # (N*K,)
     images = [torch.rand(way * shot, pixels, generator=g).tolist() for _ in range(count)]
-    return [AdaptJob("omniglot", x, labels, None, None) for x in images]
+    settings = Settings()
+    return [
+        requests.adaptation(
+            meta_models={meta.name: meta},
+            settings=settings,
+            meta_model=meta.name,
+            inputs=x,
+            targets=labels,
+        ).job
+        for x in images
+    ]
 
 
 def loop_adapt(base: MetaModel, job: AdaptJob, shape: tuple[int, ...]) -> bytes:
@@ -74,7 +87,7 @@ def main() -> None:
     configure_threads(args.threads)  # the process's, as the service's lifespan does
     meta = MetaModel.load(args.artifact)
     config = EngineConfig(device=args.device, threads=args.threads, queue_size=4 * max(clients))
-    engine = Engine({"omniglot": meta}, config)
+    engine = Engine({meta.name: meta}, config)
     engine.start()
     gc.collect()
     base = MetaModel.load(args.artifact).to(engine.device)  # the baseline's own copy
@@ -90,7 +103,7 @@ def main() -> None:
     print(f"{'way':>4} {'shot':>5} {'clients':>8} {'engine/s':>9} {'loop/s':>8} {'ratio':>6}")
     try:
         for way, shot in PROTOCOLS:
-            jobs = support_sets(64, way, shot, pixels)
+            jobs = support_sets(meta, 64, way, shot, pixels)
             for n in clients:
                 a, b, ratio = rates(engine, base, jobs, shape, n, args.repeats)
                 print(f"{way:>4} {shot:>5} {n:>8} {a:>9.1f} {b:>8.1f} {ratio:>5.1f}x")

@@ -103,9 +103,11 @@ def cache_memory(rows: list[ClientVersion], device: str) -> tuple[int, int, str]
     try:
         cuda = engine.device.type == "cuda"
         before = torch.cuda.memory_allocated(engine.device) if cuda else rss_bytes()
-        for row in rows:  # as a prediction's miss or an adaptation's prime does
+        runner = engine.runners[meta.name]
+        for row in rows:  # as a prediction's miss or ``Engine.stored`` caches params
             key = (row.tenant_id, row.client_id, row.version)
-            engine.prime(meta.name, key, row.params, engine.ticket())
+            fast = runner.fast_params(row.params).to(engine.device)
+            engine.cache.put(key, fast, engine.cache.ticket())
         after = torch.cuda.memory_allocated(engine.device) if cuda else rss_bytes()
         how = "torch.cuda.memory_allocated" if cuda else "process RSS"
         return engine.cache.stats().bytes, after - before, how

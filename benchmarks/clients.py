@@ -9,12 +9,13 @@ from pathlib import Path
 
 from benchmarks.support_sets import STEPS, supports
 from models.checkpoint import MetaModel
-from service import usecases
-from service.engine import Adapted, AdaptJob
-from service.engine.core import Engine, EngineConfig
+from service import requests
+from service.engine import Adapted, Engine, EngineConfig
+from service.settings import Settings
 from service.store import migrate, repository
 from service.store.session import connect, session_factory
 from service.store.tables import DEFAULT_TENANT, ClientVersion
+from service.usecases.adapt import version_row
 
 ARTIFACT = Path(__file__).resolve().parent.parent / "models" / "artifacts" / "sinusoid"
 
@@ -25,28 +26,31 @@ def sinusoid() -> MetaModel:
 
 def adapted_rows(meta: MetaModel, count: int, prefix: str = "bench-") -> list[ClientVersion]:
     """``count`` clients ``<prefix>0`` ... adapted (10 steps), as rows of
-    ``usecases.version_row`` (what ``usecases.adapt`` stores)."""
-    sets = supports(count)
+    ``version_row`` (what the adaptation use case stores)."""
+    settings = Settings()
+    adaptations = [
+        requests.adaptation(
+            meta_models={meta.name: meta},
+            settings=settings,
+            meta_model=meta.name,
+            inputs=x,
+            targets=y,
+            inner_steps=STEPS,
+        )
+        for x, y in supports(count)
+    ]
     engine = Engine({meta.name: meta}, EngineConfig(device="cpu", queue_size=count + 1))
     engine.start()
     try:
-        futures: list[Future[Adapted]] = [
-            engine.submit_adapt(AdaptJob(meta.name, x, y, STEPS, None)) for x, y in sets
-        ]
+        futures: list[Future[Adapted]] = [engine.submit_adapt(a.job) for a in adaptations]
         results = [f.result() for f in futures]
     finally:
         engine.stop()
     return [
-        usecases.version_row(
-            tenant_id=DEFAULT_TENANT,
-            client_id=f"{prefix}{i}",
-            model=meta,
-            adapted=adapted,
-            inputs=x,
-            targets=y,
-            labels=None,
+        version_row(
+            tenant_id=DEFAULT_TENANT, client_id=f"{prefix}{i}", request=request, adapted=adapted
         )
-        for i, ((x, y), adapted) in enumerate(zip(sets, results, strict=True))
+        for i, (request, adapted) in enumerate(zip(adaptations, results, strict=True))
     ]
 
 

@@ -19,6 +19,7 @@ from service.engine import Engine, configure_threads
 from service.settings import Settings
 from service.store.group_commit import GroupCommit
 from service.store.session import connect, session_factory
+from service.usecases import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +46,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     database = connect(settings.database_url)
     engine = Engine(meta_models, settings)
     engine.start()
-    app.state.meta_models = meta_models
     app.state.sessions = session_factory(database)
-    app.state.engine = engine
-    app.state.commits = GroupCommit()
+    app.state.runtime = Runtime(
+        engine=engine, commits=GroupCommit(), meta_models=meta_models, settings=settings
+    )
     # Sync routes wait for the engine in anyio's worker threads (40 by default): give
     # every job the engine may hold a thread, so that under overload the engine's bounded
     # queue refuses (503 + Retry-After) instead of requests queueing for a thread.

@@ -7,15 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Query, Response
 
 from service import usecases
-from service.api.deps import (
-    ClientId,
-    CommitsDep,
-    EngineDep,
-    MetaModelsDep,
-    SessionDep,
-    SettingsDep,
-    TenantDep,
-)
+from service.api.deps import ClientId, RuntimeDep, SessionDep, TenantDep
 from service.api.schemas import (
     AdaptRequest,
     AdaptResponse,
@@ -43,21 +35,21 @@ def healthz() -> Status:
 
 
 @router.get("/readyz", tags=["health"])
-def readyz(session: SessionDep, meta_models: MetaModelsDep) -> Status:
+def readyz(session: SessionDep, runtime: RuntimeDep) -> Status:
     """The database answers and at least one meta-model is loaded (else 503)."""
-    usecases.check_ready(session=session, meta_models=meta_models)
+    usecases.clients.readiness(session=session, meta_models=runtime.meta_models)
     return Status(status="ready")
 
 
 @router.get("/v1/meta-models", tags=["meta-models"])
-def list_meta_models(meta_models: MetaModelsDep) -> MetaModelList:
-    infos = usecases.list_meta_models(meta_models)
+def list_meta_models(runtime: RuntimeDep) -> MetaModelList:
+    infos = usecases.meta_models.list_all(runtime.meta_models)
     return MetaModelList(meta_models=[MetaModelResponse.model_validate(i) for i in infos])
 
 
 @router.get("/v1/meta-models/{name}", tags=["meta-models"])
-def get_meta_model(name: str, meta_models: MetaModelsDep) -> MetaModelResponse:
-    return MetaModelResponse.model_validate(usecases.get_meta_model(meta_models, name))
+def get_meta_model(name: str, runtime: RuntimeDep) -> MetaModelResponse:
+    return MetaModelResponse.model_validate(usecases.meta_models.get(runtime.meta_models, name))
 
 
 @router.post("/v1/clients/{client_id}/adaptations", status_code=201, tags=["clients"])
@@ -65,19 +57,13 @@ def adapt(
     client_id: ClientId,
     body: AdaptRequest,
     session: SessionDep,
-    engine: EngineDep,
-    commits: CommitsDep,
-    meta_models: MetaModelsDep,
-    settings: SettingsDep,
+    runtime: RuntimeDep,
     tenant_id: TenantDep,
 ) -> AdaptResponse:
     """Adapt a meta-model to the client's support set; the result is its new version."""
-    version = usecases.adapt(
+    version = usecases.adapt.adapt(
         session=session,
-        engine=engine,
-        commits=commits,
-        meta_models=meta_models,
-        settings=settings,
+        runtime=runtime,
         tenant_id=tenant_id,
         client_id=client_id,
         meta_model=body.meta_model,
@@ -93,10 +79,7 @@ def adapt(
 def readapt(
     client_id: ClientId,
     session: SessionDep,
-    engine: EngineDep,
-    commits: CommitsDep,
-    meta_models: MetaModelsDep,
-    settings: SettingsDep,
+    runtime: RuntimeDep,
     tenant_id: TenantDep,
     body: Annotated[ReadaptRequest | None, Body()] = None,
 ) -> AdaptResponse:
@@ -104,12 +87,9 @@ def readapt(
     artifact was replaced, say); the result is the client's new version. No body (or
     ``{}``): the current version's support set and the meta-model's defaults."""
     body = body or ReadaptRequest.model_validate({})
-    version = usecases.readapt(
+    version = usecases.adapt.readapt(
         session=session,
-        engine=engine,
-        commits=commits,
-        meta_models=meta_models,
-        settings=settings,
+        runtime=runtime,
         tenant_id=tenant_id,
         client_id=client_id,
         version=body.version,
@@ -124,17 +104,13 @@ def predict_query(
     client_id: ClientId,
     x: Annotated[list[QueryNumber], Query(description="One value per 1-D input.")],
     session: SessionDep,
-    engine: EngineDep,
-    meta_models: MetaModelsDep,
-    settings: SettingsDep,
+    runtime: RuntimeDep,
     tenant_id: TenantDep,
 ) -> PredictionResponse:
     """Predictions of the current version for 1-D inputs: ``?x=0.5&x=1.25``."""
-    prediction = usecases.predict(
+    prediction = usecases.predict.predict(
         session=session,
-        engine=engine,
-        meta_models=meta_models,
-        settings=settings,
+        runtime=runtime,
         tenant_id=tenant_id,
         client_id=client_id,
         inputs=[[value] for value in x],
@@ -148,17 +124,13 @@ def predict(
     client_id: ClientId,
     body: PredictionRequest,
     session: SessionDep,
-    engine: EngineDep,
-    meta_models: MetaModelsDep,
-    settings: SettingsDep,
+    runtime: RuntimeDep,
     tenant_id: TenantDep,
 ) -> PredictionResponse:
     """Predictions of the current version, or of ``version``."""
-    prediction = usecases.predict(
+    prediction = usecases.predict.predict(
         session=session,
-        engine=engine,
-        meta_models=meta_models,
-        settings=settings,
+        runtime=runtime,
         tenant_id=tenant_id,
         client_id=client_id,
         inputs=body.inputs,
@@ -170,7 +142,7 @@ def predict(
 @router.get("/v1/clients/{client_id}", tags=["clients"])
 def get_client(client_id: ClientId, session: SessionDep, tenant_id: TenantDep) -> ClientResponse:
     """The current version and the version history (without parameters or support sets)."""
-    client = usecases.get_client(session=session, tenant_id=tenant_id, client_id=client_id)
+    client = usecases.clients.get(session=session, tenant_id=tenant_id, client_id=client_id)
     return ClientResponse.model_validate(client)
 
 
@@ -178,7 +150,9 @@ def get_client(client_id: ClientId, session: SessionDep, tenant_id: TenantDep) -
     "/v1/clients/{client_id}", status_code=204, response_class=Response, tags=["clients"]
 )
 def delete_client(
-    client_id: ClientId, session: SessionDep, engine: EngineDep, tenant_id: TenantDep
+    client_id: ClientId, session: SessionDep, runtime: RuntimeDep, tenant_id: TenantDep
 ) -> None:
     """Delete the client: every version and support set."""
-    usecases.delete_client(session=session, engine=engine, tenant_id=tenant_id, client_id=client_id)
+    usecases.clients.delete(
+        session=session, engine=runtime.engine, tenant_id=tenant_id, client_id=client_id
+    )

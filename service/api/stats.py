@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from service.api.deps import CommitsDep, EngineDep
+from service.api.deps import RuntimeDep
 from service.engine import Engine
 from service.store.group_commit import GroupCommit
 
@@ -86,6 +86,6 @@ def _batches(batches: int, jobs: int) -> BatchStats:
 
 
 @router.get("/v1/engine/stats")
-async def engine_stats(engine: EngineDep, commits: CommitsDep) -> EngineStatsResponse:
+async def engine_stats(runtime: RuntimeDep) -> EngineStatsResponse:
     """Counters since start-up: batches, queue, refusals, deadlines, the params cache."""
-    return EngineStatsResponse.of(engine, commits)
+    return EngineStatsResponse.of(runtime.engine, runtime.commits)

@@ -11,7 +11,8 @@ Jobs carry a group key (meta-model, kind, and whatever the kernel cannot mix); a
 never mixes groups, and the group whose oldest job has waited longest goes first.
 
 Backpressure: ``put`` raises ``service.errors.Unavailable`` at once when ``queue_size``
-jobs are pending (queued, or reserved by a caller that is still loading a job's inputs).
+jobs are queued; ``admit`` asks the same before a caller does work for a job (a
+prediction whose params must first be read) that a full queue would refuse anyway.
 Deadlines: a job taken from the queue after its deadline fails with ``DeadlineExceeded``;
 a job whose future was cancelled is dropped.
 """
@@ -62,7 +63,6 @@ class Batcher:
         self._groups: dict[Group, deque[Job]] = {}
         self._last_put: dict[Group, float] = {}  # each group's latest arrival
         self._queued = 0
-        self._reserved = 0
         self._closed = False
         self._cond = threading.Condition()
         self.expired = 0  # jobs failed with DeadlineExceeded
@@ -70,24 +70,15 @@ class Batcher:
         self.seconds_per_job = 0.0  # recent service time per job, kept by the worker
 
     # -- producers ---------------------------------------------------------------------------
-    def reserve(self) -> None:
-        """Hold a queue slot for a job whose inputs are still loading (raises when full)."""
+    def admit(self) -> None:
+        """Raise ``Unavailable`` now if a ``put`` would be refused now (counted as a
+        refusal); a later ``put`` may still be refused."""
         with self._cond:
             self._admit()
-            self._reserved += 1
 
-    def release(self) -> None:
-        """Give back a reserved slot without queueing (the load failed)."""
+    def put(self, job: Job) -> None:
         with self._cond:
-            self._reserved -= 1
-            self._cond.notify_all()
-
-    def put(self, job: Job, *, reserved: bool = False) -> None:
-        with self._cond:
-            if reserved:  # admitted before any close: it still runs
-                self._reserved -= 1
-            else:
-                self._admit()
+            self._admit()
             self._groups.setdefault(job.group, deque()).append(job)
             self._last_put[job.group] = job.enqueued
             self._queued += 1
@@ -96,7 +87,7 @@ class Batcher:
     def _admit(self) -> None:
         if self._closed:
             raise Unavailable("the engine is stopping", 1.0)
-        if self._queued + self._reserved >= self.queue_size:
+        if self._queued >= self.queue_size:
             self.rejected += 1
             raise Unavailable(
                 f"the engine queue is full ({self.queue_size} jobs)", self.retry_after()
@@ -135,7 +126,7 @@ class Batcher:
             expired: list[Job] = []
             with self._cond:
                 while self._queued == 0:
-                    if self._closed and self._reserved == 0:
+                    if self._closed:
                         return None
                     self._cond.wait()
                 group = min(self._groups, key=lambda g: self._groups[g][0].seq)

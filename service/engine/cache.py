@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import overload
 
 from torch import Tensor
 
-Key = tuple[str, str, int]  # (tenant_id, client_id, version)
+from service.engine.jobs import Key
+
 Client = tuple[str, str]  # (tenant_id, client_id)
 
 _FORGET_LOG = 4096  # forgets remembered for loads in flight; older ones make a load uncached
@@ -48,14 +47,8 @@ class ParamsCache:
         self.misses = 0
         self.evictions = 0
 
-    @overload
-    def get(self, key: Key) -> Tensor | None: ...
-    @overload
-    def get(self, key: Key, load: Callable[[], Tensor]) -> Tensor: ...
-
-    def get(self, key: Key, load: Callable[[], Tensor] | None = None) -> Tensor | None:
-        """The cached params of ``key`` (counted as a hit or a miss). On a miss, with
-        ``load``: load them in the calling thread, cache them, and return them."""
+    def get(self, key: Key) -> Tensor | None:
+        """The cached params of ``key`` (counted as a hit or a miss)."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
@@ -63,15 +56,11 @@ class ParamsCache:
                 self.hits += 1
                 return entry[0]
             self.misses += 1
-            ticket = self._epoch
-        if load is None:
             return None
-        params = load()
-        self.put(key, params, ticket)
-        return params
 
     def ticket(self) -> int:
-        """Take before loading a missed entry; ``put`` checks it for forgets since."""
+        """Take before computing or reading params to cache; ``put`` checks it for
+        forgets since."""
         with self._lock:
             return self._epoch
 

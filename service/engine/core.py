@@ -1,38 +1,35 @@
 """The batched engine behind ``service.engine``'s interface.
 
-Request threads call ``submit_adapt`` / ``submit_predict``: the job is validated there
-(bad input raises ``InvalidInput`` at once), then queued; a full queue raises
-``Unavailable`` at once. The
-device worker runs queued jobs as micro-batches and completes their futures, which sync
-code waits on with ``.result()`` and asyncio with ``asyncio.wrap_future``. Prediction
-params come from the device cache; on a miss the submitting thread calls ``params()``
-(the database read), so I/O never stalls the device worker.
+Request threads call ``submit_adapt`` / ``submit_predict`` with validated jobs; a full
+queue raises ``Unavailable`` at once. The device worker runs queued jobs as
+micro-batches and completes their futures, which sync code waits on with ``.result()``
+and asyncio with ``asyncio.wrap_future``.
+
+The params cache keeps one rule: a client's params that were computed or read before a
+``forget`` of that client are never cached after it (a client re-created under the same
+id, version 1 again, must never be served the old version 1). An adaptation takes its
+ticket when it is submitted, a prediction's miss when it is refused with ``NotCached``
+(before its caller reads the stored params); both travel inside what the caller hands
+back, so callers never see them.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, fields, replace
 
 from models.batched import Path
 from models.checkpoint import MetaModel
-from service.engine.batcher import Batcher, DeadlineExceeded, Job
+from service.engine.batcher import Batcher, Job
 from service.engine.cache import CacheStats, ParamsCache
-from service.engine.worker import (
-    Adapted,
-    AdaptJob,
-    DeviceWorker,
-    ModelRunner,
-    PredictWork,
-    WorkerStats,
-    resolve_device,
-)
-from service.errors import InvalidInput, Unavailable
-
-__all__ = ["AdaptJob", "Adapted", "DeadlineExceeded", "Engine", "EngineConfig", "EngineStats"]
+from service.engine.device import resolve_device
+from service.engine.jobs import Adapted, AdaptJob, Key, NotCached, PredictJob
+from service.engine.runner import AdaptWork, ModelRunner, PredictWork
+from service.engine.worker import DeviceWorker, WorkerStats
+from service.errors import Unavailable
 
 log = logging.getLogger(__name__)
 MiB = 1 << 20
@@ -103,52 +100,45 @@ class Engine:
 
     # -- jobs --------------------------------------------------------------------------------
     def submit_adapt(self, job: AdaptJob) -> Future[Adapted]:
-        runner = self._runner(job.meta_model)
-        work = runner.adapt_work(job)
-        queued = Job(runner.adapt_group(work), work, self._deadline())
+        """The adapted params and losses of ``job``. Hand the result to ``stored`` once its
+        params are stored, and the engine caches them for the first prediction."""
+        runner = self.runners[job.meta_model]
+        queued = Job(runner.adapt_group(job), AdaptWork(job, self.cache.ticket()), self._deadline())
         self.batcher.put(queued)
         return queued.future
 
-    def submit_predict(
-        self,
-        meta_model: str,
-        key: tuple[str, str, int],
-        params: Callable[[], bytes],
-        inputs: list[list[float]],
-    ) -> Future[list[list[float]]]:
-        """Outputs (Q, O) of client version ``key`` on ``inputs``. On a cache miss,
-        ``params()`` (the stored safetensors) runs in this thread, and its errors raise
-        here; the device worker then caches the params."""
-        runner = self._runner(meta_model)
-        rows = runner.inputs(inputs, "inputs")  # (Q, D), checked
-        fast = self.cache.get(key)
-        ticket = None
-        if fast is None:
-            self.batcher.reserve()  # a full queue refuses before the database is read
-            try:
-                ticket = self.cache.ticket()  # a forget() from now on keeps it uncached
-                fast = runner.fast_params(params())  # (P,) on the CPU
-            except BaseException:
-                self.batcher.release()
-                raise
-        work = PredictWork(rows, fast, key, ticket)
+    def submit_predict(self, job: PredictJob) -> Future[list[list[float]]]:
+        """Outputs (Q, O) of client version ``job.key`` on ``job.inputs``.
+
+        Without ``job.params``, a cache miss raises ``NotCached`` at once: read the stored
+        params and submit ``miss.loaded(params)``, which the device worker then caches.
+        Params that do not fit the meta-model raise ``ValueError`` here."""
+        runner = self.runners[job.meta_model]
+        ticket = job.ticket
+        if job.params is None:
+            fast = self.cache.get(job.key)
+            if fast is None:
+                self.batcher.admit()  # a full queue refuses before the database is read
+                raise NotCached(job, self.cache.ticket())
+        else:
+            fast = runner.fast_params(job.params)  # (P,) on the CPU
+            if ticket is None:  # params from elsewhere than a miss: never cached
+                fast = fast.to(self.device)
+        work = PredictWork(job.inputs, fast, job.key, ticket)
         # batched with what is queued, never waiting for more: a forward pass is too cheap
         # for a wait to pay (at 16 connections a 2 ms wait cost 10% of HTTP throughput)
-        job = Job((runner.name, "predict"), work, self._deadline(), wait=False)
-        self.batcher.put(job, reserved=ticket is not None)
-        return job.future
+        queued = Job((runner.name, "predict"), work, self._deadline(), wait=False)
+        self.batcher.put(queued)
+        return queued.future
 
-    def ticket(self) -> int:
-        """Take before storing a new version whose params ``prime`` will cache: a
-        ``forget`` of its client from then on keeps them out of the cache."""
-        return self.cache.ticket()
-
-    def prime(self, meta_model: str, key: tuple[str, str, int], params: bytes, ticket: int) -> bool:
-        """Cache a just-stored version's params, so its first prediction reads no
-        database; not if its client was forgotten since ``ticket``. A version is
-        immutable, so its key is never stale. True if cached."""
-        runner = self._runner(meta_model)
-        return self.cache.put(key, runner.fast_params(params).to(self.device), ticket)
+    def stored(self, adapted: Adapted, key: Key) -> bool:
+        """``adapted``'s params are now stored as client version ``key``: cache them, so
+        its first prediction reads no database; not if its client was forgotten since the
+        adaptation was submitted. A version is immutable, so its key is never stale.
+        True if cached."""
+        runner = self.runners[adapted.meta_model]
+        fast = runner.fast_params(adapted.params).to(self.device)
+        return self.cache.put(key, fast, adapted.ticket)
 
     def forget(self, tenant_id: str, client_id: str) -> None:
         """Never serve any cached version of this client again (call after the delete)."""
@@ -163,13 +153,6 @@ class Engine:
             rejected=self.batcher.rejected,
             expired=self.batcher.expired,
         )
-
-    # -- internals ---------------------------------------------------------------------------
-    def _runner(self, name: str) -> ModelRunner:
-        try:
-            return self.runners[name]
-        except KeyError:
-            raise InvalidInput("meta_model", f"unknown meta-model {name!r}") from None
 
     def _deadline(self) -> float:
         return time.monotonic() + self.config.job_timeout_s

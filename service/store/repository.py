@@ -13,53 +13,18 @@ from sqlalchemy.orm import Session, selectinload
 from service.store.tables import Client, ClientVersion, utcnow
 
 
-def lock_client(*, session: Session, tenant_id: str, client_id: str) -> int:
-    """Create the client if it is new, lock its row until the transaction ends, and
-    return its current version (0 for a new client).
-
-    One ``INSERT ... ON CONFLICT DO UPDATE`` does both on PostgreSQL (the row lock) and
-    on SQLite (the first write of a transaction takes the database's write lock), so two
-    racing adaptations of a client serialise here instead of both reading version N.
-    """
-    now = utcnow()
-    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-    stmt = (
-        insert(Client)
-        .values(
-            tenant_id=tenant_id,
-            client_id=client_id,
-            current_version=0,
-            created_at=now,
-            updated_at=now,
-        )
-        .on_conflict_do_update(index_elements=["tenant_id", "client_id"], set_={"updated_at": now})
-        .returning(Client.current_version)
-    )
-    return int(session.execute(stmt).scalar_one())
-
-
-def append_version(*, session: Session, row: ClientVersion) -> ClientVersion:
-    """Store ``row`` as the next version of its client (created if new) and make it current."""
-    current = lock_client(session=session, tenant_id=row.tenant_id, client_id=row.client_id)
-    row.version = current + 1
-    session.add(row)
-    session.flush()
-    session.execute(
-        update(Client)
-        .where(Client.tenant_id == row.tenant_id, Client.client_id == row.client_id)
-        .values(current_version=row.version)
-    )
-    return row
-
-
 def append_versions(*, session: Session, rows: Sequence[ClientVersion]) -> None:
     """Store ``rows`` as the next versions of their clients (created if new), in order,
     and make each client's newest current: three statements for the lot, whatever its size.
 
-    The clients are locked (as by ``lock_client``) in (tenant, client) order, so two
-    writers cannot deadlock. Core statements compiled once, executed as ``executemany``:
-    per row, the ORM's unit of work costs more than the database. The rows stay out of
-    the session; each gets its ``version``.
+    One ``INSERT ... ON CONFLICT DO UPDATE`` creates the clients that are new and locks
+    every client's row until the transaction ends (the row lock on PostgreSQL; on SQLite
+    the first write of a transaction takes the database's write lock), so two racing
+    adaptations of a client serialise there instead of both reading version N. The
+    clients are locked in (tenant, client) order, so two writers cannot deadlock. Core
+    statements compiled once, executed as ``executemany``: per row, the ORM's unit of
+    work costs more than the database. The rows stay out of the session; each gets its
+    ``version``.
     """
     if not rows:
         return

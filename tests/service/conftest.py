@@ -12,10 +12,8 @@ from typing import Any
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from sgd_reference import Reference
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
-from store_fixtures import BACKENDS, Databases
 
 from models import nets
 from models.checkpoint import ArtifactConfig, MetaModel
@@ -26,6 +24,8 @@ from service.app import create_app
 from service.settings import Settings
 from service.store import migrate
 from service.store.session import connect
+from tests.service.sgd_reference import Reference
+from tests.service.store_fixtures import BACKENDS, Databases
 
 torch.set_num_threads(1)
 

@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import ApiFactory
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -21,6 +20,7 @@ from models import nets
 from models.checkpoint import ArtifactConfig, MetaModel
 from models.maml import InnerLoopConfig
 from models.tasks.omniglot import preprocess
+from tests.service.conftest import ApiFactory
 
 MAX_WAY = 5
 

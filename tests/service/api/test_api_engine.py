@@ -15,9 +15,9 @@ import httpx
 import pytest
 from anyio import to_thread
 from fastapi.testclient import TestClient
-from sgd_reference import Reference
 
 from service.engine import Engine
+from tests.service.sgd_reference import Reference
 
 XS = [[-4.0], [-2.5], [-1.0], [0.0], [1.5], [3.0]]
 YS = [0.7, -0.5, -1.6, -0.9, 1.2, 0.3]
@@ -65,7 +65,7 @@ def blocked_worker(engine: Engine) -> Iterator[tuple[threading.Event, threading.
 
 def test_a_full_queue_answers_503_at_once_with_retry_after(make_api: Any) -> None:
     api = make_api(queue_size=1)
-    engine: Engine = api.app.state.engine  # type: ignore[attr-defined]
+    engine: Engine = api.app.state.runtime.engine  # type: ignore[attr-defined]
     with ThreadPoolExecutor(2) as pool, blocked_worker(engine) as (started, release):
         running = pool.submit(post_adapt, api, "a")  # taken by the worker, which blocks
         assert started.wait(10)
@@ -86,7 +86,7 @@ def test_a_full_queue_answers_503_at_once_with_retry_after(make_api: Any) -> Non
 
 def test_a_job_past_its_deadline_answers_503(make_api: Any) -> None:
     api = make_api(job_timeout_s=0.2)
-    engine: Engine = api.app.state.engine  # type: ignore[attr-defined]
+    engine: Engine = api.app.state.runtime.engine  # type: ignore[attr-defined]
     with ThreadPoolExecutor(2) as pool, blocked_worker(engine) as (started, release):
         running = pool.submit(post_adapt, api, "a")
         assert started.wait(10)

@@ -69,16 +69,3 @@ def test_a_load_started_before_a_forget_is_not_cached() -> None:
     assert not cache.put(("t", "a", 1), params(1.0), ticket)  # ... so the load is not kept
     assert cache.put(("t", "b", 1), params(1.0), ticket)  # other clients are unaffected
     assert cache.put(("t", "a", 1), params(1.0), cache.ticket())  # a new load is fine
-
-
-def test_get_with_a_loader_loads_once() -> None:
-    cache = ParamsCache(capacity_bytes=1000)
-    loads: list[int] = []
-
-    def load() -> Tensor:
-        loads.append(1)
-        return params(1.0)
-
-    first = cache.get(("t", "a", 1), load)
-    second = cache.get(("t", "a", 1), load)
-    assert first is second and loads == [1]

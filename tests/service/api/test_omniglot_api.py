@@ -7,12 +7,12 @@ import base64
 from pathlib import Path
 
 import pytest
-from conftest import ApiFactory
 
 from models.evaluate import ARTIFACTS
 from models.tasks import omniglot
+from tests.service.conftest import ApiFactory
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "omniglot"
+DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "omniglot"
 
 
 def encode(png: bytes) -> str:

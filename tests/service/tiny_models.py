@@ -1,17 +1,15 @@
-"""Engine fixtures: tiny seeded meta-models built in memory (no artifact files)."""
+"""Tiny seeded meta-models built in memory (no artifact files), for the engine and the
+request validation tests."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import pytest
 import torch
 
 from models import nets
 from models.checkpoint import ArtifactConfig, MetaModel
 from models.maml import InnerLoopConfig, LearnedLr, Learner, cross_entropy_loss, mse_loss
-
-torch.set_num_threads(1)
 
 
 def meta_model(
@@ -33,11 +31,14 @@ def meta_model(
         "out_features": out,
     }
     kind = "classification" if classes else "regression"
+    task: dict[str, Any] = {"kind": kind, "input_shape": [in_features], "output": "test"}
+    if classes:
+        task["max_way"] = classes
     config = ArtifactConfig(
         name=name,
         family="sinusoid",
         architecture=architecture,
-        task={"kind": kind, "input_shape": [in_features], "output": "test"},
+        task=task,
         inner=InnerLoopConfig(steps=5, lr=0.01, learned_lr=learned_lr, grad_clip=grad_clip),
     )
     net = nets.build(architecture)
@@ -64,7 +65,7 @@ def conv_meta_model(name: str, support_shifts: dict[str, int] | None = None) -> 
         name=name,
         family="omniglot",
         architecture=architecture,
-        task={"kind": "classification", "input_shape": [1, 8, 8], "output": "test"},
+        task={"kind": "classification", "input_shape": [1, 8, 8], "output": "test", "max_way": 3},
         inner=InnerLoopConfig(steps=3, lr=0.5, adapt="head"),
     )
     if support_shifts is not None:
@@ -74,8 +75,7 @@ def conv_meta_model(name: str, support_shifts: dict[str, int] | None = None) -> 
     return MetaModel(config, params, {}, version=f"test-{name}")
 
 
-@pytest.fixture(scope="session")
-def meta_models() -> dict[str, MetaModel]:
+def tiny_meta_models() -> dict[str, MetaModel]:
     return {
         "sinusoid": meta_model("sinusoid"),
         "sinusoid-metasgd": meta_model("sinusoid-metasgd", learned_lr="per_param", seed=1),

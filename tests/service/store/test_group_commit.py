@@ -10,16 +10,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import pytest
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
-from test_store import new_version
 
 from service.store import group_commit, repository
 from service.store.group_commit import GroupCommit
 from service.store.session import connect, session_factory
 from service.store.tables import ClientVersion
+from tests.service.store.test_store import append, new_version
 
 
 def test_append_versions_numbers_each_clients_rows_in_order(session: Session) -> None:
-    repository.append_version(session=session, row=new_version("alice"))
+    append(session, new_version("alice"))
     rows = [new_version(c) for c in ("bob", "alice", "bob", "carol", "alice")]
     rows[0].params = b"bob-1"
     rows[2].params = b"bob-2"

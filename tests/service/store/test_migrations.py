@@ -11,12 +11,12 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from store_fixtures import BACKENDS, Databases
 
 from service import cli
 from service.store import migrate
 from service.store.session import connect
 from service.store.tables import Base
+from tests.service.store_fixtures import BACKENDS, Databases
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

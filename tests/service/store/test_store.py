@@ -33,6 +33,12 @@ def new_version(client_id: str = "alice", tenant_id: str = DEFAULT_TENANT) -> Cl
     )
 
 
+def append(session: Session, row: ClientVersion) -> ClientVersion:
+    """Store ``row`` as its client's next version, as production does (in a group of one)."""
+    repository.append_versions(session=session, rows=[row])
+    return row
+
+
 def count_versions(session: Session, client_id: str) -> int:
     stmt = (
         select(func.count()).select_from(ClientVersion).where(ClientVersion.client_id == client_id)
@@ -42,7 +48,7 @@ def count_versions(session: Session, client_id: str) -> int:
 
 def test_versions_count_up_and_the_newest_is_current(session: Session) -> None:
     for expected in (1, 2, 3):
-        row = repository.append_version(session=session, row=new_version())
+        row = append(session, new_version())
         assert row.version == expected
     session.commit()
     assert (
@@ -64,7 +70,7 @@ def test_versions_count_up_and_the_newest_is_current(session: Session) -> None:
 
 
 def test_history_and_version_records_leave_the_blobs_in_the_database(session: Session) -> None:
-    repository.append_version(session=session, row=new_version())
+    append(session, new_version())
     session.commit()
     session.expunge_all()
     client = repository.get_client(session=session, tenant_id="default", client_id="alice")
@@ -78,7 +84,7 @@ def test_history_and_version_records_leave_the_blobs_in_the_database(session: Se
 
 
 def test_timestamps_are_utc_aware(session: Session) -> None:
-    repository.append_version(session=session, row=new_version())
+    append(session, new_version())
     session.commit()
     session.expunge_all()
     client = repository.get_client(session=session, tenant_id="default", client_id="alice")
@@ -90,9 +96,9 @@ def test_timestamps_are_utc_aware(session: Session) -> None:
 
 
 def test_tenants_do_not_share_clients(session: Session) -> None:
-    repository.append_version(session=session, row=new_version(tenant_id="a"))
-    repository.append_version(session=session, row=new_version(tenant_id="b"))
-    repository.append_version(session=session, row=new_version(tenant_id="b"))
+    append(session, new_version(tenant_id="a"))
+    append(session, new_version(tenant_id="b"))
+    append(session, new_version(tenant_id="b"))
     a = repository.get_version(session=session, tenant_id="a", client_id="alice")
     b = repository.get_version(session=session, tenant_id="b", client_id="alice")
     assert a is not None and a.version == 1
@@ -102,7 +108,7 @@ def test_tenants_do_not_share_clients(session: Session) -> None:
 
 def test_delete_removes_every_version_and_nothing_else(session: Session) -> None:
     for client_id in ("alice", "alice", "bob"):
-        repository.append_version(session=session, row=new_version(client_id))
+        append(session, new_version(client_id))
     session.commit()
     assert repository.delete_client(session=session, tenant_id="default", client_id="alice")
     session.commit()
@@ -113,7 +119,7 @@ def test_delete_removes_every_version_and_nothing_else(session: Session) -> None
 
 
 def test_a_client_row_is_kept_only_with_its_versions(session: Session) -> None:
-    repository.append_version(session=session, row=new_version())
+    append(session, new_version())
     session.rollback()
     assert not repository.client_exists(session=session, tenant_id="default", client_id="alice")
     assert session.scalar(select(func.count()).select_from(Client)) == 0
@@ -135,7 +141,7 @@ def test_racing_adaptations_get_distinct_versions(
         try:
             with sessions() as s:
                 barrier.wait()
-                versions.append(repository.append_version(session=s, row=new_version()).version)
+                versions.append(append(s, new_version()).version)
                 s.commit()
         except BaseException as exc:  # reported below
             errors.append(exc)

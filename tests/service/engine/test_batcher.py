@@ -86,32 +86,32 @@ def test_a_batch_of_only_expired_jobs_does_not_stall_the_consumer() -> None:
     assert isinstance(dead.future.exception(timeout=0), DeadlineExceeded)
 
 
-def test_the_queue_is_bounded_and_reservations_count() -> None:
+def test_the_queue_is_bounded_and_admit_asks_ahead() -> None:
     batcher = Batcher(max_batch_size=8, max_batch_delay_s=0.0, queue_size=2)
     batcher.put(job("a"))
-    batcher.reserve()
+    batcher.admit()  # a slot is free: no refusal, nothing held
+    batcher.put(job("a"))
     with pytest.raises(Unavailable) as full:
         batcher.put(job("a"))
     with pytest.raises(Unavailable):
-        batcher.reserve()
+        batcher.admit()
     assert full.value.retry_after is not None and full.value.retry_after >= 1.0
     assert batcher.rejected == 2
-    batcher.release()
-    batcher.put(job("a"))  # the released slot is free again
+    assert len(batcher) == 2
+    assert batcher.next_batch() is not None
+    batcher.put(job("a"))  # drained: room again
 
 
-def test_close_drains_then_ends_and_reserved_jobs_still_run() -> None:
+def test_close_drains_then_ends() -> None:
     batcher = Batcher(max_batch_size=8, max_batch_delay_s=0.0, queue_size=8)
     queued = job("a")
     batcher.put(queued)
-    batcher.reserve()
     batcher.close()
     with pytest.raises(Unavailable):
         batcher.put(job("a"))
-    loaded = job("b")
-    batcher.put(loaded, reserved=True)  # admitted before the close
+    with pytest.raises(Unavailable):
+        batcher.admit()
     assert batcher.next_batch() == [queued]
-    assert batcher.next_batch() == [loaded]
     assert batcher.next_batch() is None
 
 

@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
-import functools
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future
+from dataclasses import replace
+from functools import partial
 
 import pytest
 import torch
 
 from models.checkpoint import MetaModel
 from models.params import from_bytes, nbytes, to_bytes
-from service.engine.core import Adapted, AdaptJob, DeadlineExceeded, Engine, EngineConfig
-from service.engine.worker import AdaptWork
-from service.errors import InvalidInput, Unavailable
+from service.engine import (
+    Adapted,
+    AdaptJob,
+    DeadlineExceeded,
+    Engine,
+    EngineConfig,
+    NotCached,
+    PredictJob,
+)
+from service.engine.runner import AdaptWork
+from service.errors import Unavailable
+from tests.service.engine.helpers import adapt_job, predict
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -31,7 +41,8 @@ def support(k: int, seed: int) -> tuple[list[list[float]], list[float]]:
 
 def alone(meta: MetaModel, job: AdaptJob) -> tuple[dict[str, torch.Tensor], float, float]:
     """The reference: ``MetaModel.adapt`` on this request by itself."""
-    x = torch.tensor(job.inputs).reshape(len(job.inputs), *meta.config.input_shape)
+    x = torch.as_tensor(job.inputs, dtype=torch.float32)
+    x = x.reshape(len(job.inputs), *meta.config.input_shape)
     if meta.config.kind == "classification":
         y = torch.tensor(job.targets, dtype=torch.long)
     else:
@@ -87,11 +98,12 @@ def test_concurrent_jobs_run_as_batches_and_each_matches_its_lone_run(
     engine = make_engine(meta_models, path=path, max_batch_delay_ms=20.0)
     assert engine.runners["sinusoid"].batched.path == ("bmm" if path == "auto" else "vmap")
     engine.start()
-    jobs = []
+    jobs, asked = [], []
     for i in range(32):  # support sizes 1..20, default and explicit steps and rates
         x, y = support(1 + i % 20, seed=i)
         steps, lr = (None, None) if i % 3 == 0 else (1 + i % 3, 0.005 * (1 + i % 2))
-        jobs.append(AdaptJob("sinusoid", x, y, steps, lr))
+        jobs.append(adapt_job(meta_models, "sinusoid", x, y, steps, lr))
+        asked.append((steps, lr))
     try:
         results = submit_from_threads(engine, jobs)
     finally:
@@ -100,10 +112,10 @@ def test_concurrent_jobs_run_as_batches_and_each_matches_its_lone_run(
     assert stats.adapt_jobs == 32
     assert stats.adapt_batches < 32
     assert stats.largest_batch > 1
-    for job, adapted in zip(jobs, results, strict=True):
+    for job, (steps, lr), adapted in zip(jobs, asked, results, strict=True):
         assert_matches_alone(meta_models["sinusoid"], job, adapted)
-        assert adapted.steps == (5 if job.steps is None else job.steps)
-        assert adapted.lr == (0.01 if job.lr is None else job.lr)
+        assert adapted.steps == (5 if steps is None else steps)
+        assert adapted.lr == (0.01 if lr is None else lr)
 
 
 @pytest.mark.parametrize("path", ["auto", "vmap"])  # auto: bmm for the MLPs
@@ -112,8 +124,8 @@ def test_learned_rates_through_either_kernel(
     meta_models: dict[str, MetaModel], path: str, name: str
 ) -> None:
     engine = make_engine(meta_models, path=path, max_batch_delay_ms=20.0)
-    jobs = [AdaptJob(name, *support(3 + i, seed=i), None, None) for i in range(8)]
-    jobs += [AdaptJob(name, *support(4, seed=9), 3, 0.02)]  # rate overridden
+    jobs = [adapt_job(meta_models, name, *support(3 + i, seed=i)) for i in range(8)]
+    jobs += [AdaptJob(name, *support(4, seed=9), 3, 0.02)]  # rate overridden (not via the API)
     futures = [engine.submit_adapt(job) for job in jobs]  # queued before the worker starts
     engine.start()
     try:
@@ -132,8 +144,13 @@ def test_a_classifier_adapts_with_class_indices(
 ) -> None:
     g = torch.Generator().manual_seed(0)
     jobs = [
-        AdaptJob(
-            "classes", torch.randn(k, 4, generator=g).tolist(), [i % 3 for i in range(k)], 3, 0.1
+        adapt_job(
+            meta_models,
+            "classes",
+            torch.randn(k, 4, generator=g).tolist(),
+            [i % 3 for i in range(k)],
+            3,
+            0.1,
         )
         for k in (6, 3)
     ]
@@ -141,21 +158,6 @@ def test_a_classifier_adapts_with_class_indices(
         jobs, [f.result() for f in map(engine.submit_adapt, jobs)], strict=True
     ):
         assert_matches_alone(meta_models["classes"], job, adapted)
-    with pytest.raises(InvalidInput, match=r"support\.targets"):
-        engine.submit_adapt(AdaptJob("classes", [[0.0] * 4], [3], None, None))
-
-
-def test_class_indices_may_be_integral_floats(
-    engine: Engine, meta_models: dict[str, MetaModel]
-) -> None:
-    """The service maps labels to indices as floats (2.0): the same as ints, never bools."""
-    x = torch.randn(4, 4, generator=torch.Generator().manual_seed(1)).tolist()
-    ints = engine.submit_adapt(AdaptJob("classes", x, [0, 2, 1, 2], 3, 0.1)).result()
-    floats = engine.submit_adapt(AdaptJob("classes", x, [0.0, 2.0, 1.0, 2.0], 3, 0.1)).result()
-    assert floats.params == ints.params
-    for bad in ([0.5], [True], [-1.0], ["1"]):
-        with pytest.raises(InvalidInput, match=r"support\.targets"):
-            engine.submit_adapt(AdaptJob("classes", [[0.0] * 4], bad, None, None))
 
 
 def test_a_conv_net_adapts_its_head_through_the_vmap_path(
@@ -164,15 +166,21 @@ def test_a_conv_net_adapts_its_head_through_the_vmap_path(
     assert engine.runners["images"].batched.path == "vmap"
     g = torch.Generator().manual_seed(0)
     jobs = [  # flat rows of 64 values, as the API sends them; shots 2 and 4 per class
-        AdaptJob(
-            "images", torch.randn(k, 64, generator=g).tolist(), [i % 3 for i in range(k)], 3, 0.5
+        adapt_job(
+            meta_models,
+            "images",
+            torch.randn(k, 64, generator=g).tolist(),
+            [i % 3 for i in range(k)],
+            3,
+            0.5,
         )
         for k in (6, 12)
     ]
+    jobs.append(replace(jobs[0], inputs=torch.tensor(jobs[0].inputs).reshape(6, 1, 8, 8)))
     meta = meta_models["images"]
-    for job, adapted in zip(
-        jobs, [f.result() for f in map(engine.submit_adapt, jobs)], strict=True
-    ):
+    results = [f.result() for f in map(engine.submit_adapt, jobs)]
+    assert results[2].params == results[0].params  # a tensor of the input shape: the same
+    for job, adapted in zip(jobs, results, strict=True):
         fast, before, after = alone(meta, job)
         params = from_bytes(adapted.params)
         assert params.keys() == {"head.weight", "head.bias"}
@@ -180,8 +188,7 @@ def test_a_conv_net_adapts_its_head_through_the_vmap_path(
             close(params[name], tensor)
         assert (adapted.loss_before, adapted.loss_after) == pytest.approx((before, after), rel=1e-5)
         queries = torch.randn(2, 64, generator=g).tolist()
-        blob = functools.partial(bytes, adapted.params)
-        got = engine.submit_predict("images", ("t", "img", 1), blob, queries)
+        got = predict(engine, "images", ("t", "img", 1), queries, partial(bytes, adapted.params))
         expected = meta.predict(fast, torch.tensor(queries).reshape(2, 1, 8, 8))
         close(torch.tensor(got.result()), expected)
         engine.forget("t", "img")
@@ -193,12 +200,11 @@ def test_support_sets_grow_per_client_as_the_artifact_was_trained(
     meta, plain = meta_models["images-shifted"], meta_models["images"]
     g = torch.Generator().manual_seed(1)
     jobs = [  # 3 rows grow to 15 (<= 20); 6 rows would be 30 and stay as given
-        AdaptJob(
+        adapt_job(
+            meta_models,
             "images-shifted",
             torch.rand(k, 64, generator=g).tolist(),
             [0, 1, 2] * (k // 3),
-            None,
-            None,
         )
         for k in (3, 6)
     ]
@@ -220,7 +226,7 @@ def test_predictions_batch_across_clients_and_equal_single_ones(
     ]
     queries = [[[q / 2]] * (i + 1) for i, q in enumerate(range(-5, 1))]  # 1..6 queries each
     futures = [
-        engine.submit_predict("sinusoid", ("t", f"c{i}", 1), functools.partial(bytes, blob), q)
+        predict(engine, "sinusoid", ("t", f"c{i}", 1), q, lambda blob=blob: blob)
         for i, (blob, q) in enumerate(zip(blobs, queries, strict=True))
     ]
     outputs = [f.result(timeout=60) for f in futures]
@@ -230,8 +236,8 @@ def test_predictions_batch_across_clients_and_equal_single_ones(
         close(torch.tensor(out), torch.tensor(expected))
     stats = engine.stats()
     assert stats.cache.misses == 6 and stats.cache.entries == 6
-    again = engine.submit_predict("sinusoid", ("t", "c0", 1), lambda: b"", queries[0]).result()
-    assert again == outputs[0]  # a hit: params() was not called
+    again = engine.submit_predict(PredictJob("sinusoid", ("t", "c0", 1), queries[0])).result()
+    assert again == outputs[0]  # a hit: no NotCached, nothing loaded
     assert engine.stats().cache.hits == 1
 
 
@@ -247,85 +253,83 @@ def test_params_are_loaded_once_per_miss_and_a_new_version_is_never_stale(
         return blob
 
     q = [[0.5], [1.5]]
-    out1 = engine.submit_predict("sinusoid", ("t", "c", 1), lambda: loader(v1.params, 1), q)
-    first = out1.result()
-    out2 = engine.submit_predict("sinusoid", ("t", "c", 2), lambda: loader(v2.params, 2), q)
-    second = out2.result()
+    first = predict(engine, "sinusoid", ("t", "c", 1), q, lambda: loader(v1.params, 1)).result()
+    second = predict(engine, "sinusoid", ("t", "c", 2), q, lambda: loader(v2.params, 2)).result()
     assert loads == [1, 2]
     assert first != second
-    assert engine.submit_predict("sinusoid", ("t", "c", 2), lambda: b"", q).result() == second
+    assert engine.submit_predict(PredictJob("sinusoid", ("t", "c", 2), q)).result() == second
+
+
+def test_params_given_without_a_miss_are_used_but_never_cached(engine: Engine) -> None:
+    blob = engine.submit_adapt(AdaptJob("sinusoid", *support(5, seed=1), 5, 0.05)).result().params
+    job = PredictJob("sinusoid", ("t", "c", 1), [[0.5]], params=blob)
+    assert (
+        engine.submit_predict(job).result()
+        == predict(engine, "sinusoid", ("t", "d", 1), [[0.5]], lambda: blob).result()
+    )
+    assert engine.stats().cache.entries == 1  # d's, loaded after its miss
 
 
 def test_forget_means_a_deleted_client_is_never_served_from_the_cache(engine: Engine) -> None:
     blob = engine.submit_adapt(AdaptJob("sinusoid", *support(5, seed=1), 5, 0.05)).result().params
     q = [[0.5]]
-    engine.submit_predict("sinusoid", ("t", "c", 1), lambda: blob, q).result()
-    engine.submit_predict("sinusoid", ("t", "other", 1), lambda: blob, q).result()
+    predict(engine, "sinusoid", ("t", "c", 1), q, lambda: blob).result()
+    predict(engine, "sinusoid", ("t", "other", 1), q, lambda: blob).result()
     engine.forget("t", "c")
-
-    def gone() -> bytes:
-        raise LookupError("client c was deleted")
-
-    with pytest.raises(LookupError):  # a miss: params() runs, in the submitting thread
-        engine.submit_predict("sinusoid", ("t", "c", 1), gone, q)
-    engine.submit_predict("sinusoid", ("t", "other", 1), gone, q).result()  # still cached
-    assert engine.stats().queued == 0  # the failed load gave its queue slot back
+    with pytest.raises(NotCached):  # a miss: refused at once; the caller reads the store
+        engine.submit_predict(PredictJob("sinusoid", ("t", "c", 1), q))
+    engine.submit_predict(PredictJob("sinusoid", ("t", "other", 1), q)).result()  # still cached
+    assert engine.stats().queued == 0  # the refusal queued nothing
 
 
-def test_priming_caches_a_new_version_unless_its_client_was_forgotten_since(
-    engine: Engine,
+def test_an_adaptation_is_cached_once_stored_unless_its_client_was_forgotten_since(
+    meta_models: dict[str, MetaModel],
 ) -> None:
-    blob = engine.submit_adapt(AdaptJob("sinusoid", *support(5, seed=1), 5, 0.05)).result().params
+    """The cache's safety rule: a delete after an adaptation started keeps its params out
+    of the cache (a client re-created under the same id must never get them)."""
+    engine = make_engine(meta_models)
+    kept = engine.submit_adapt(AdaptJob("sinusoid", *support(5, seed=1), 5, 0.05))
+    overtaken = engine.submit_adapt(AdaptJob("sinusoid", *support(5, seed=2), 5, 0.05))
+    engine.forget("t", "d")  # d is deleted while its adaptation waits for the worker
+    engine.start()
+    try:
+        blob = kept.result(timeout=60)
+        assert engine.stored(blob, ("t", "c", 1))
+        no_read = PredictJob("sinusoid", ("t", "c", 1), [[0.5]])
+        engine.submit_predict(no_read).result()  # cached: no NotCached
+        assert (engine.stats().cache.hits, engine.stats().cache.misses) == (1, 0)
 
-    def no_load() -> bytes:
-        raise AssertionError("a primed version must not be read from the database")
-
-    ticket = engine.ticket()
-    assert engine.prime("sinusoid", ("t", "c", 1), blob, ticket)
-    engine.submit_predict("sinusoid", ("t", "c", 1), no_load, [[0.5]]).result()
-    assert (engine.stats().cache.hits, engine.stats().cache.misses) == (1, 0)
-
-    stale = engine.ticket()  # taken before the write of version 2 ...
-    engine.forget("t", "c")  # ... which a delete of the client overtook
-    assert not engine.prime("sinusoid", ("t", "c", 2), blob, stale)
-    assert engine.stats().cache.entries == 0
-    with pytest.raises(ValueError, match="do not fit"):  # params of another meta-model
-        engine.prime("classes", ("t", "d", 1), blob, engine.ticket())
+        assert not engine.stored(overtaken.result(timeout=60), ("t", "d", 1))
+        later = engine.submit_adapt(AdaptJob("sinusoid", *support(5, seed=3), 5, 0.05))
+        stale = later.result(timeout=60)  # adapted before c's delete, stored after it
+        engine.forget("t", "c")
+        assert not engine.stored(stale, ("t", "c", 2))
+        assert engine.stats().cache.entries == 0
+        with pytest.raises(ValueError, match="do not fit"):  # params of another meta-model
+            engine.stored(replace(blob, meta_model="classes"), ("t", "e", 1))
+    finally:
+        engine.stop()
 
 
 def test_a_load_that_races_a_forget_is_not_cached(engine: Engine) -> None:
     blob = engine.submit_adapt(AdaptJob("sinusoid", *support(5, seed=1), 5, 0.05)).result().params
-    loading, deleted = threading.Event(), threading.Event()
-
-    def slow_load() -> bytes:  # read before the delete, finished after it
-        loading.set()
-        deleted.wait(10)
-        return blob
-
-    futures: list[Future[list[list[float]]]] = []
-    request = threading.Thread(
-        target=lambda: futures.append(
-            engine.submit_predict("sinusoid", ("t", "c", 1), slow_load, [[0.5]])
-        )
-    )
-    request.start()
-    loading.wait(10)
-    engine.forget("t", "c")  # the delete commits while the request reads
-    deleted.set()
-    request.join(10)
-    futures[0].result(timeout=10)  # the request made before the delete is answered
+    with pytest.raises(NotCached) as miss:  # the miss, before the store is read ...
+        engine.submit_predict(PredictJob("sinusoid", ("t", "c", 1), [[0.5]]))
+    engine.forget("t", "c")  # ... the delete commits while the request reads ...
+    loaded = engine.submit_predict(miss.value.loaded(blob))  # ... and it submits again
+    loaded.result(timeout=10)  # the request made before the delete is answered
     assert engine.stats().cache.entries == 0  # but its params were not cached
 
 
 def test_a_full_queue_refuses_at_once_with_retry_after(meta_models: dict[str, MetaModel]) -> None:
     engine = make_engine(meta_models, queue_size=4)  # not started: nothing drains
-    job = AdaptJob("sinusoid", *support(3, seed=0), None, None)
+    job = adapt_job(meta_models, "sinusoid", *support(3, seed=0))
     futures = [engine.submit_adapt(job) for _ in range(4)]
     started = time.monotonic()
     with pytest.raises(Unavailable) as refused:
         engine.submit_adapt(job)
-    with pytest.raises(Unavailable):  # a prediction miss needs a slot as well
-        engine.submit_predict("sinusoid", ("t", "c", 1), lambda: b"", [[0.0]])
+    with pytest.raises(Unavailable):  # a prediction miss is refused before any read
+        engine.submit_predict(PredictJob("sinusoid", ("t", "c", 1), [[0.0]]))
     assert time.monotonic() - started < 5.0  # refused, not blocked
     assert refused.value.retry_after is not None and refused.value.retry_after >= 1.0
     assert engine.stats().rejected == 2
@@ -336,38 +340,19 @@ def test_a_full_queue_refuses_at_once_with_retry_after(meta_models: dict[str, Me
 
 def test_a_job_past_its_deadline_fails_cleanly(meta_models: dict[str, MetaModel]) -> None:
     engine = make_engine(meta_models, job_timeout_s=0.05)
-    late = engine.submit_adapt(AdaptJob("sinusoid", *support(3, seed=0), None, None))
+    job = adapt_job(meta_models, "sinusoid", *support(3, seed=0))
+    late = engine.submit_adapt(job)
     time.sleep(0.1)
     engine.start()
     try:
         with pytest.raises(DeadlineExceeded):
             late.result(timeout=10)
         assert isinstance(late.exception(), Unavailable)  # a 503 with Retry-After
-        fresh = engine.submit_adapt(AdaptJob("sinusoid", *support(3, seed=0), None, None))
+        fresh = engine.submit_adapt(job)
         assert isinstance(fresh.result(timeout=10), Adapted)  # the engine carries on
         assert engine.stats().expired == 1
     finally:
         engine.stop()
-
-
-def test_bad_jobs_are_domain_errors_before_they_reach_torch(engine: Engine) -> None:
-    x, y = support(3, seed=0)
-    bad = [
-        (AdaptJob("nope", x, y, None, None), "meta_model"),
-        (AdaptJob("sinusoid", [], [], None, None), "support.inputs"),
-        (AdaptJob("sinusoid", [[1.0, 2.0]] * 3, y, None, None), "support.inputs"),
-        (AdaptJob("sinusoid", [[1.0], [2.0, 3.0]], y[:2], None, None), "support.inputs"),
-        (AdaptJob("sinusoid", [[float("nan")]] * 3, y, None, None), "support.inputs"),
-        (AdaptJob("sinusoid", x, y[:2], None, None), "support.targets"),
-        (AdaptJob("sinusoid", x, [float("inf")] * 3, None, None), "support.targets"),
-        (AdaptJob("sinusoid", x, y, -1, None), "inner_steps"),
-        (AdaptJob("sinusoid", x, y, None, float("nan")), "inner_lr"),
-    ]
-    for job, field in bad:
-        with pytest.raises(InvalidInput, match=field):
-            engine.submit_adapt(job)
-    with pytest.raises(InvalidInput, match="inputs"):
-        engine.submit_predict("sinusoid", ("t", "c", 1), lambda: b"", [[1.0, 2.0]])
 
 
 def test_stored_params_of_another_shape_are_refused(
@@ -375,10 +360,10 @@ def test_stored_params_of_another_shape_are_refused(
 ) -> None:
     wrong = to_bytes(meta_models["classes"].params)
     with pytest.raises(ValueError, match="do not fit"):
-        engine.submit_predict("sinusoid", ("t", "c", 1), lambda: wrong, [[0.0]])
+        predict(engine, "sinusoid", ("t", "c", 1), [[0.0]], lambda: wrong)
     assert engine.stats().queued == 0
     blob = engine.submit_adapt(AdaptJob("sinusoid", *support(5, seed=1), 5, 0.05)).result().params
-    assert engine.submit_predict("sinusoid", ("t", "c", 1), lambda: blob, [[0.0]]).result()
+    assert predict(engine, "sinusoid", ("t", "c", 1), [[0.0]], lambda: blob).result()
 
 
 def test_a_failing_job_does_not_fail_its_batch(
@@ -389,7 +374,7 @@ def test_a_failing_job_does_not_fail_its_batch(
     real = runner.adapt
 
     def fragile(works: list[AdaptWork]) -> list[Adapted]:
-        if any(w.steps == 13 for w in works):
+        if any(w.job.steps == 13 for w in works):
             raise RuntimeError("boom")
         return real(works)
 
@@ -429,9 +414,7 @@ def test_cache_evicts_by_bytes(meta_models: dict[str, MetaModel]) -> None:
     try:
         blob = engine.submit_adapt(AdaptJob("sinusoid", *support(3, seed=0), 1, 0.01)).result()
         for i in range(3):
-            engine.submit_predict(
-                "sinusoid", ("t", f"c{i}", 1), lambda: blob.params, [[0.0]]
-            ).result()
+            predict(engine, "sinusoid", ("t", f"c{i}", 1), [[0.0]], lambda: blob.params).result()
         stats = engine.stats().cache
         assert (stats.entries, stats.evictions, stats.bytes) == (2, 1, 2 * one)
     finally:
@@ -456,3 +439,17 @@ def test_the_config_reads_any_settings_object() -> None:
     config = EngineConfig.of(Settings())
     assert (config.device, config.max_batch_size, config.max_batch_delay_ms) == ("cpu", 8, 1.5)
     assert config.queue_size == EngineConfig().queue_size
+
+
+def test_the_engine_uses_the_meta_models_own_learner_on_its_own_copy(
+    meta_models: dict[str, MetaModel],
+) -> None:
+    engine = make_engine(meta_models)
+    meta, runner = meta_models["images"], engine.runners["images"]
+    learner = runner.batched.learner
+    assert type(learner) is type(meta.learner) and learner.loss is meta.learner.loss
+    assert learner.inner == meta.learner.inner
+    assert learner.net is not meta.net  # a copy: the caller's meta-model is never moved
+    state, copied = meta.net.state_dict(), learner.net.state_dict()
+    assert state.keys() == copied.keys()
+    assert all(torch.equal(state[n], copied[n]) for n in state)

@@ -7,9 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import build_artifact
 from fastapi.testclient import TestClient
-from sgd_reference import Reference
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -18,6 +16,8 @@ from service.app import create_app
 from service.settings import Settings
 from service.store import repository
 from service.store.tables import ClientVersion
+from tests.service.conftest import build_artifact
+from tests.service.sgd_reference import Reference
 
 XS = [[-4.0], [-2.5], [-1.0], [0.0], [1.5], [3.0]]
 YS = [0.7, -0.5, -1.6, -0.9, 1.2, 0.3]

@@ -1,0 +1,120 @@
+"""One meta-model on the device: batched adapt and predict, params to bytes and back.
+
+``ModelRunner`` runs on the device worker's thread. It holds its own copy of the
+meta-model, moved to the device (so the caller's ``MetaModel`` is never moved or
+mutated), and uses that copy's learner: the net, loss and inner-loop settings the
+meta-model was built with.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from models.batched import BatchedLearner, BytesPacker, Path
+from models.checkpoint import MetaModel
+from service.engine import batches
+from service.engine.batcher import Group
+from service.engine.jobs import Adapted, AdaptJob, Inputs, Key
+
+
+@dataclass(frozen=True)
+class AdaptWork:
+    job: AdaptJob
+    ticket: int  # the cache's epoch when the job was submitted
+
+
+@dataclass(frozen=True)
+class PredictWork:
+    inputs: Inputs  # (Q, D) rows or (Q, *input_shape)
+    fast: Tensor  # (P,) the client's params, flat: on the device (a hit) or the CPU (loaded)
+    key: Key
+    ticket: int | None  # set when loaded after a miss: cache it under this ticket
+
+
+class ModelRunner:
+    def __init__(self, meta_model: MetaModel, device: torch.device, path: Path = "auto") -> None:
+        model = copy.deepcopy(meta_model).to(device)  # buffers (Standardize) included
+        self.name = model.name
+        self.device = device
+        config = model.config
+        self.input_shape = config.input_shape
+        self.classify = config.kind == "classification"
+        self.inner = config.inner
+        self.shifts = model.support_shifts  # image support sets grow as meta-trained
+        learner = model.learner
+        self.batched = BatchedLearner(learner, model.params, model.lrs, path)
+        self.packer = BytesPacker(learner.split(model.params)[0])
+        if self.packer.dtype is None:
+            raise ValueError(f"meta-model {self.name!r}: fast params of mixed dtypes")
+        head = learner.net.get_submodule("head")
+        self.outputs = head.out_features if isinstance(head, nn.Linear) else None
+
+    def fast_params(self, blob: bytes) -> Tensor:
+        """Stored safetensors -> the flat (P,) params the cache holds, on the CPU; checked
+        against this meta-model's fast params (names, shapes, dtypes)."""
+        try:
+            return self.packer.unpack(blob)
+        except ValueError:
+            raise ValueError(f"stored params do not fit meta-model {self.name!r}") from None
+
+    def adapt_group(self, job: AdaptJob) -> Group:
+        """Jobs that may share a batch: any steps and rates on the bmm path."""
+        if self.batched.mixed:
+            return (self.name, "adapt", job.lr is None)
+        return (self.name, "adapt", job.steps, job.lr)
+
+    # -- batches, on the worker thread --------------------------------------------------------
+    def adapt(self, works: Sequence[AdaptWork]) -> list[Adapted]:
+        start = time.perf_counter()
+        jobs = [work.job for work in works]
+        x, y, w = batches.support(
+            jobs,
+            self.input_shape,
+            classify=self.classify,
+            outputs=self.outputs,
+            shifts=self.shifts,
+        )
+        result = self.batched.adapt(
+            x.to(self.device),
+            y.to(self.device),
+            w.to(self.device),
+            steps=[job.steps for job in jobs],
+            lr=None if jobs[0].lr is None else [float(job.lr or 0.0) for job in jobs],
+        )
+        blobs = self.packer.pack(result.fast)
+        before = result.loss_before.tolist()
+        after = result.loss_after.tolist()
+        ms = (time.perf_counter() - start) * 1000.0
+        return [
+            Adapted(blob, lb, la, work.job.steps, work.job.lr, ms, self.name, work.ticket)
+            for blob, lb, la, work in zip(blobs, before, after, works, strict=True)
+        ]
+
+    def predict(self, works: Sequence[PredictWork]) -> list[list[list[float]]]:
+        q = max(len(p.inputs) for p in works)
+        x = batches.inputs([p.inputs for p in works], q, self.input_shape)  # (B, Q, *shape)
+        fast = self.packer.unflatten(torch.stack([p.fast for p in works]))  # (B, ...) per entry
+        out = self.batched.predict(fast, x.to(self.device))  # (B, Q, O)
+        rows: list[list[list[float]]] = out.cpu().tolist()
+        return [r[: len(p.inputs)] for r, p in zip(rows, works, strict=True)]
+
+    def warm_up(self) -> None:
+        """A tiny batch of two and one of one, so the first request pays no set-up."""
+        inputs = [[0.0] * math.prod(self.input_shape)]
+        targets: list[Any] = [0] if self.classify else [0.0]
+        if not self.classify and self.outputs != 1:
+            targets = [[0.0] * (self.outputs or 1)]
+        lr = None if self.inner.learned_lr != "none" else self.inner.lr
+        works = [AdaptWork(AdaptJob(self.name, inputs, targets, 1, lr), 0)]
+        for batch in (works * 2, works):
+            done = self.adapt(batch)
+        fast = self.fast_params(done[0].params).to(self.device)
+        self.predict([PredictWork(inputs, fast, ("", "", 0), None)])

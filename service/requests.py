@@ -1,0 +1,199 @@
+"""A request becomes a validated, typed object here, once; everything after trusts it.
+
+Types, finiteness and JSON shape are the wire schemas' job (``api/schemas.py``); the
+checks here need the meta-model or the configured limits. What comes out is ready for
+the engine: the meta-model, inputs in the form the engine takes (rows of numbers stay
+Python lists, which the worker converts a batch at a time; arrays and images become one
+float32 tensor of the input shape, images decoded and preprocessed here exactly as in
+training), the targets (class indices, with the client's labels, for classification),
+the inner-loop settings resolved to the meta-model's defaults, and the support set as
+JSON to store. A bad request raises a domain error before anything reaches torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence, Sized
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from models.checkpoint import MetaModel
+from models.tasks import image_preprocess
+from service import images
+from service.engine import AdaptJob, Inputs
+from service.errors import InvalidInput, TooLarge
+from service.settings import Settings
+
+Label = int | str  # a client's class label
+RawInput = list[float] | list[list[list[float]]] | str  # a row, an array, or a base64 image
+RawTarget = float | str  # a number, or a label (an int or a string)
+MetaModels = Mapping[str, MetaModel]
+
+
+@dataclass(frozen=True)
+class Adaptation:
+    """A validated adaptation: the engine's job, and what the stored version records."""
+
+    model: MetaModel
+    job: AdaptJob  # inputs, targets (class indices for classification), steps and lr
+    labels: list[Label] | None  # classification: the client's labels, in output order
+    support_inputs: str  # JSON, as the client sent them (rows, arrays or images)
+    support_targets: str  # JSON, as the client sent them
+    support_size: int  # K
+
+
+def adaptation(
+    *,
+    meta_models: MetaModels,
+    settings: Settings,
+    meta_model: str,
+    inputs: Sequence[RawInput],
+    targets: Sequence[RawTarget],
+    inner_steps: int | None = None,
+    inner_lr: float | None = None,
+) -> Adaptation:
+    """Validate an adaptation of ``meta_model`` to the support set (inputs, targets)."""
+    model = known_meta_model(meta_models, meta_model)
+    _support_size(inputs, targets, settings)
+    steps, lr = _inner(model, inner_steps, inner_lr, settings)
+    x = model_inputs(model, inputs, field="support.inputs", settings=settings)
+    y, labels = _targets(model, targets)
+    return Adaptation(
+        model=model,
+        job=AdaptJob(model.name, x, y, steps, lr),
+        labels=labels,
+        support_inputs=json.dumps(inputs, separators=(",", ":")),
+        support_targets=json.dumps(targets, separators=(",", ":")),
+        support_size=len(inputs),
+    )
+
+
+def known_meta_model(meta_models: MetaModels, name: str) -> MetaModel:
+    if name not in meta_models:
+        known = ", ".join(sorted(meta_models)) or "none loaded"
+        raise InvalidInput("meta_model", f"unknown meta-model {name!r} (known: {known})")
+    return meta_models[name]
+
+
+def prediction_size(inputs: Sized, settings: Settings, field: str) -> None:
+    """The checks a prediction's inputs pass before its client version is looked up."""
+    if not inputs:
+        raise InvalidInput(field, "no inputs to predict")
+    if len(inputs) > settings.max_predict_batch:
+        raise TooLarge(
+            f"{field}: {len(inputs)} inputs exceed the limit of {settings.max_predict_batch}"
+        )
+
+
+def model_inputs(
+    model: MetaModel, inputs: Sequence[RawInput], *, field: str, settings: Settings
+) -> Inputs:
+    """Inputs as the engine takes them: (N, D) rows when every input is a row of D =
+    prod(input_shape) numbers, else an (N, *input_shape) float32 tensor."""
+    shape = list(model.config.input_shape)
+    width = math.prod(shape)
+    preprocess = image_preprocess(model.config.family)
+    items: list[list[float] | Tensor] = []
+    tensors = False
+    for i, item in enumerate(inputs):
+        where = f"{field}[{i}]"
+        if isinstance(item, str):
+            if preprocess is None:
+                raise InvalidInput(where, f"meta-model {model.name!r} takes numbers, not images")
+            gray = images.decode(item, field=where, max_pixels=settings.max_image_pixels)
+            items.append(preprocess(gray).reshape(shape))  # once, as in training
+            tensors = True
+        elif item and isinstance(item[0], list):
+            try:
+                with np.errstate(over="ignore"):  # beyond float32's range: refused below
+                    array = np.asarray(item, dtype=np.float32)
+            except ValueError:
+                raise InvalidInput(where, f"a ragged array; expected shape {shape}") from None
+            if list(array.shape) != shape:
+                raise InvalidInput(where, f"expected shape {shape}, got {list(array.shape)}")
+            if not np.isfinite(array).all():  # finite as JSON, beyond float32's range
+                raise InvalidInput(where, "NaN or infinity")
+            items.append(torch.from_numpy(array))
+            tensors = True
+        elif len(item) != width:
+            raise InvalidInput(
+                where, f"expected {width} value(s) per input (input shape {shape}), got {len(item)}"
+            )
+        else:
+            items.append(item)  # type: ignore[arg-type]  # a flat row of numbers
+    if not tensors:
+        return items  # type: ignore[return-value]  # rows: the worker converts a batch at once
+    return torch.stack(
+        [x if isinstance(x, Tensor) else torch.tensor(x).reshape(shape) for x in items]
+    )  # (N, *input_shape)
+
+
+def _support_size(inputs: Sized, targets: Sized, settings: Settings) -> None:
+    if not len(inputs):
+        raise InvalidInput("support.inputs", "the support set is empty")
+    if len(inputs) > settings.max_support:
+        raise TooLarge(
+            f"support.inputs: {len(inputs)} points exceed the limit of {settings.max_support}"
+        )
+    if len(targets) != len(inputs):
+        raise InvalidInput(
+            "support.targets", f"{len(targets)} targets for {len(inputs)} inputs; one each"
+        )
+
+
+def _inner(
+    model: MetaModel, steps: int | None, lr: float | None, settings: Settings
+) -> tuple[int, float | None]:
+    """(steps, lr) of the adaptation: the request's, else the meta-model's defaults; lr
+    None means the meta-model's learned rates."""
+    inner = model.config.inner
+    lo, hi = settings.min_inner_steps, settings.max_inner_steps
+    if steps is not None and not lo <= steps <= hi:
+        raise InvalidInput("inner_steps", f"must be between {lo} and {hi}, got {steps}")
+    steps = inner.steps if steps is None else steps
+    if lr is None:
+        return steps, None if inner.learned_lr != "none" else inner.lr
+    if inner.learned_lr != "none":
+        raise InvalidInput(
+            "inner_lr",
+            f"meta-model {model.name!r} learns its inner learning rates ({inner.learned_lr}); "
+            "they cannot be overridden",
+        )
+    if not 0 < lr <= settings.max_inner_lr:
+        raise InvalidInput("inner_lr", f"must be > 0 and <= {settings.max_inner_lr:g}, got {lr}")
+    return steps, lr
+
+
+def _targets(
+    model: MetaModel, values: Sequence[RawTarget], *, field: str = "support.targets"
+) -> tuple[list[float] | list[int], list[Label] | None]:
+    """Regression: the numbers. Classification: output indices, in order of each label's
+    first appearance, and the labels."""
+    if model.config.kind == "regression":
+        for i, v in enumerate(values):
+            if isinstance(v, str):
+                raise InvalidInput(
+                    f"{field}[{i}]",
+                    f"meta-model {model.name!r} is a regressor: targets are numbers",
+                )
+        return [float(v) for v in values], None
+    index: dict[Label, int] = {}
+    for i, v in enumerate(values):
+        if isinstance(v, float):
+            raise InvalidInput(f"{field}[{i}]", f"a class label is a string or an integer, not {v}")
+        index.setdefault(v, len(index))
+    labels = list(index)
+    if len({str(label) for label in labels}) != len(labels):
+        raise InvalidInput(field, 'labels that read the same as text (e.g. 1 and "1") clash')
+    max_way = int(model.config.task.get("max_way", 0))
+    if len(labels) > max_way:
+        raise InvalidInput(
+            field,
+            f"{len(labels)} distinct labels, but meta-model {model.name!r} tells apart "
+            f"at most {max_way}",
+        )
+    return [index[v] for v in values], labels  # type: ignore[index]  # ints: class indices

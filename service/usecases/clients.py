@@ -1,0 +1,37 @@
+"""A client's record, its deletion, and whether the service is ready for clients."""
+
+from __future__ import annotations
+
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from service.engine import Engine
+from service.errors import NotFound, Unavailable
+from service.requests import MetaModels
+from service.store import repository
+from service.store.tables import Client
+
+
+def get(*, session: Session, tenant_id: str, client_id: str) -> Client:
+    client = repository.get_client(session=session, tenant_id=tenant_id, client_id=client_id)
+    if client is None:
+        raise NotFound(f"unknown client {client_id!r}")
+    return client
+
+
+def delete(*, session: Session, engine: Engine, tenant_id: str, client_id: str) -> None:
+    """Delete the client with every version and support set, and drop its cached models."""
+    if not repository.delete_client(session=session, tenant_id=tenant_id, client_id=client_id):
+        raise NotFound(f"unknown client {client_id!r}")
+    session.commit()
+    engine.forget(tenant_id, client_id)
+
+
+def readiness(*, session: Session, meta_models: MetaModels) -> None:
+    """Raise ``Unavailable`` unless a meta-model is loaded and the database answers."""
+    if not meta_models:
+        raise Unavailable("no meta-models are loaded")
+    try:
+        repository.ping(session=session)
+    except SQLAlchemyError as exc:
+        raise Unavailable(f"the database is unreachable ({type(exc).__name__})") from None

@@ -1,0 +1,56 @@
+"""The loaded meta-models, described for clients."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from models.checkpoint import MetaModel
+from models.tasks import image_preprocess
+from service.errors import NotFound
+from service.requests import MetaModels
+
+
+@dataclass(frozen=True)
+class MetaModelInfo:
+    name: str
+    version: str  # sha256 of the weights
+    family: str
+    task_kind: str
+    input_shape: list[int]
+    output: str
+    inner_steps: int  # default adaptation
+    inner_lr: float | None  # None: learned rates
+    first_order: bool
+    adapt: str
+    learned_lr: str
+    max_way: int | None  # classification: the most labels one client may use
+    accepts_images: bool  # inputs may be base64 PNG/JPEG
+
+
+def describe(model: MetaModel) -> MetaModelInfo:
+    config, inner = model.config, model.config.inner
+    return MetaModelInfo(
+        name=model.name,
+        version=model.version,
+        family=config.family,
+        task_kind=config.kind,
+        input_shape=list(config.input_shape),
+        output=str(config.task.get("output", "")),
+        inner_steps=inner.steps,
+        inner_lr=None if inner.learned_lr != "none" else inner.lr,
+        first_order=inner.first_order,
+        adapt=inner.adapt,
+        learned_lr=inner.learned_lr,
+        max_way=config.task.get("max_way"),
+        accepts_images=image_preprocess(config.family) is not None,
+    )
+
+
+def list_all(meta_models: MetaModels) -> list[MetaModelInfo]:
+    return [describe(meta_models[name]) for name in sorted(meta_models)]
+
+
+def get(meta_models: MetaModels, name: str) -> MetaModelInfo:
+    if name not in meta_models:
+        raise NotFound(f"unknown meta-model {name!r}")
+    return describe(meta_models[name])

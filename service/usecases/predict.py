@@ -1,0 +1,89 @@
+"""Predictions of a stored client version."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session
+
+from service import requests
+from service.engine import NotCached, PredictJob
+from service.errors import Conflict, InvalidInput, NotFound
+from service.requests import Label, RawInput
+from service.store import repository
+from service.usecases.runtime import Runtime, missing
+
+
+@dataclass(frozen=True)
+class LabelPrediction:
+    label: Label  # the most probable of the client's labels
+    probabilities: dict[str, float]  # every label of the client (as text): p
+
+
+@dataclass(frozen=True)
+class Prediction:
+    client_id: str
+    version: int
+    # one float per input for a single output; a LabelPrediction per input for classification
+    predictions: list[float] | list[list[float]] | list[LabelPrediction]
+
+
+def predict(
+    *,
+    session: Session,
+    runtime: Runtime,
+    tenant_id: str,
+    client_id: str,
+    inputs: Sequence[RawInput],
+    version: int | None = None,
+    field: str = "inputs",
+) -> Prediction:
+    """Predictions of one client version (the current one by default)."""
+    requests.prediction_size(inputs, runtime.settings, field)
+    row = repository.get_version(
+        session=session, tenant_id=tenant_id, client_id=client_id, version=version
+    )
+    if row is None:
+        raise missing(session=session, tenant_id=tenant_id, client_id=client_id, version=version)
+    model = runtime.meta_models.get(row.meta_model)
+    if model is None or model.version != row.meta_model_version:
+        loaded = "not loaded" if model is None else f"loaded at {model.version[:12]}"
+        raise Conflict(
+            f"client {client_id!r} version {row.version} was adapted from meta-model "
+            f"{row.meta_model}@{row.meta_model_version[:12]}, which is {loaded}; adapt it "
+            f"again (POST /v1/clients/{client_id}/readaptations reuses its support set)"
+        )
+    x = requests.model_inputs(model, inputs, field=field, settings=runtime.settings)
+    labels = row.labels
+    number = row.version
+    session.close()  # no connection is held while the engine works
+    job = PredictJob(model.name, (tenant_id, client_id, number), x)
+    try:
+        future = runtime.engine.submit_predict(job)
+    except NotCached as miss:  # read the stored params, in this thread, and submit again
+        params = repository.load_params(
+            session=session, tenant_id=tenant_id, client_id=client_id, version=number
+        )
+        session.close()
+        if params is None:
+            raise NotFound(f"unknown client {client_id!r}") from None
+        future = runtime.engine.submit_predict(miss.loaded(params))
+    outputs = runtime.wait(future)
+    if not all(math.isfinite(v) for out in outputs for v in out):
+        raise InvalidInput(field, "the predictions are not finite for these inputs")
+    if labels is not None:
+        return Prediction(client_id, number, [classify(out, labels) for out in outputs])
+    single = all(len(out) == 1 for out in outputs)
+    return Prediction(client_id, number, [out[0] for out in outputs] if single else outputs)
+
+
+def classify(logits: list[float], labels: list[Label]) -> LabelPrediction:
+    """Softmax over the outputs the client's labels use (the first len(labels))."""
+    used = logits[: len(labels)]
+    top = max(used)
+    weights = [math.exp(v - top) for v in used]
+    total = sum(weights)
+    probabilities = {str(label): w / total for label, w in zip(labels, weights, strict=True)}
+    return LabelPrediction(labels[used.index(top)], probabilities)
