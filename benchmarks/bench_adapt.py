@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from benchmarks.support_sets import Support, supports
-from models.batched import BatchedLearner
 from models.checkpoint import ArtifactConfig, MetaModel
+from models.kernels import BatchedLearner
 from models.maml import InnerLoopConfig
 from models.nets import MLP
 from models.params import Params, from_bytes, to_bytes

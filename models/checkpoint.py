@@ -29,10 +29,15 @@ LR_PREFIX = "inner_lr."
 class ArtifactConfig:
     name: str  # what clients ask for, e.g. "sinusoid"
     family: str  # task family module under models.tasks
-    architecture: dict[str, Any]  # nets.build() spec
+    architecture: dict[str, Any]  # nets.build() spec, completed by nets.resolve
     task: dict[str, Any]  # {"kind": "regression"|"classification", "input_shape": [...], ...}
     inner: InnerLoopConfig  # the default adaptation, exactly as meta-trained
     training: dict[str, Any] = field(default_factory=dict)  # command, seed, iterations, ...
+
+    def __post_init__(self) -> None:
+        # A config built in code may name part of its net; the one it holds (and saves)
+        # names every hyper-parameter the net depends on.
+        object.__setattr__(self, "architecture", nets.resolve(self.architecture))
 
     @property
     def kind(self) -> str:
@@ -54,9 +59,16 @@ class ArtifactConfig:
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def from_json(cls, text: str) -> ArtifactConfig:
+    def from_json(cls, text: str, source: str = CONFIG_FILE) -> ArtifactConfig:
+        """Parse a saved config. Its ``architecture`` and ``inner`` blocks must be complete:
+        a missing key is a ValueError naming it, e.g. "<source>: architecture.groups is
+        missing", never a code default standing in for it."""
         data = json.loads(text)
-        data["inner"] = InnerLoopConfig.from_dict(data["inner"])
+        for key in ("name", "family", "architecture", "task", "inner"):
+            if key not in data:
+                raise ValueError(f"{source}: {key} is missing")
+        nets.parse(data["architecture"], complete=True, where=f"{source}: architecture")
+        data["inner"] = InnerLoopConfig.from_dict(data["inner"], where=f"{source}: inner")
         return cls(**data)
 
 
@@ -121,7 +133,7 @@ class MetaModel:
     @classmethod
     def load(cls, directory: str | Path) -> MetaModel:
         src = Path(directory)
-        config = ArtifactConfig.from_json((src / CONFIG_FILE).read_text())
+        config = ArtifactConfig.from_json((src / CONFIG_FILE).read_text(), str(src / CONFIG_FILE))
         data = (src / WEIGHTS_FILE).read_bytes()
         digest = sha256(data)
         expected = (src / DIGEST_FILE).read_text().strip()

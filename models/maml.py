@@ -1,4 +1,9 @@
-"""The MAML inner loop, written with ``torch.func``.
+"""The MAML inner loop, written with ``torch.func``, and the one home of its maths.
+
+The losses (per task, and batched with their analytic output gradients), the step-size
+rule (``step_rate``, ``rate_at``: past the learned steps, the last learned rate) and the
+gradient clip (``clip_factor``) are defined here once; ``Learner`` and the engine's
+hand-written kernels (``models.kernels``) both call them.
 
 Parameters are data: adaptation takes a ``Params`` dict and returns a new one via
 ``functional_call`` + ``grad``; the meta-model is never mutated. One task is the unit
@@ -12,8 +17,8 @@ tasks is ``torch.func.vmap`` over that unit. Algorithms are configuration:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -23,7 +28,8 @@ from torch.func import functional_call, grad_and_value
 
 from models.params import Params, select
 
-LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (K, O), (K[, O]), (K,) -> scalar
+OutputGrad = Callable[[Tensor], Tensor]  # out (B, K, O) -> d loss / d out (B, K, O)
 Adapt = Literal["all", "head"]
 LearnedLr = Literal["none", "per_param", "per_layer_per_step"]
 
@@ -41,10 +47,26 @@ class InnerLoopConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> InnerLoopConfig:
+    def from_dict(cls, data: Mapping[str, Any], *, where: str = "inner") -> InnerLoopConfig:
+        """From a saved ``inner`` block, which must name every field: a default that
+        changes later must not change how an old artifact adapts. A missing or unknown
+        key is a ValueError naming it (``where`` prefixes the name)."""
+        names = [f.name for f in fields(cls)]
+        for name in names:
+            if name not in data:
+                raise ValueError(f"{where}.{name} is missing")
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ValueError(f"{where}.{unknown[0]}: not an inner-loop option; known: {names}")
         return cls(**data)
 
 
+Rate = Tensor | float  # a step size: a float, a learned tensor, or one per client (B, 1, 1)
+
+
+# -- losses: the per-task form (autograd differentiates it) and the batched form with its
+# analytic output gradient (the hand-written kernels use it); tests/models/test_maml.py checks
+# that each batched loss equals its per-task loss per client and that its gradient is autograd's
 def mse_loss(pred: Tensor, target: Tensor, weight: Tensor) -> Tensor:
     # pred, target: (K, O); weight: (K,) -> scalar weighted mean of per-example MSE
     per_example = ((pred - target) ** 2).mean(-1)
@@ -60,11 +82,102 @@ def cross_entropy_loss(logits: Tensor, target: Tensor, weight: Tensor) -> Tensor
 LOSSES: dict[str, LossFn] = {"regression": mse_loss, "classification": cross_entropy_loss}
 
 
+def _weighted_mean(per_example: Tensor, weight: Tensor) -> Tensor:
+    # per_example, weight: (B, K) -> (B,), each client divided by its own weight sum
+    return (per_example * weight).sum(1) / weight.sum(1).clamp_min(1.0)
+
+
+def _row_share(weight: Tensor) -> Tensor:
+    # weight: (B, K) -> (B, K, 1): each row's share of its client's loss, w / sum(w)
+    return (weight / weight.sum(1, keepdim=True).clamp_min(1.0))[..., None]
+
+
+def batched_mse_loss(out: Tensor, target: Tensor, weight: Tensor) -> Tensor:
+    # out, target: (B, K, O); weight: (B, K) -> (B,), mse_loss of each client
+    return _weighted_mean(((out - target) ** 2).mean(-1), weight)
+
+
+def mse_output_grad(target: Tensor, weight: Tensor, width: int) -> OutputGrad:
+    """d batched_mse_loss / d out as a function of out (B, K, O) -> (B, K, O); the constant
+    factor 2 w / (O sum(w)) is computed once per adaptation, not once per step."""
+    scale = _row_share(weight) * (2.0 / width)  # (B, K, 1)
+    return lambda out: (out - target) * scale
+
+
+def batched_cross_entropy_loss(logits: Tensor, target: Tensor, weight: Tensor) -> Tensor:
+    # logits: (B, K, C); target: (B, K) int64 class indices; weight: (B, K) -> (B,)
+    per_example = -logits.log_softmax(-1).gather(-1, target[..., None]).squeeze(-1)
+    return _weighted_mean(per_example, weight)
+
+
+def cross_entropy_output_grad(target: Tensor, weight: Tensor, width: int) -> OutputGrad:
+    """d batched_cross_entropy_loss / d logits (B, K, C) -> (B, K, C): (softmax - one-hot)
+    times each row's share, the one-hot targets and shares computed once per adaptation."""
+    scale = _row_share(weight)  # (B, K, 1)
+    one_hot = F.one_hot(target, width).to(weight.dtype)  # (B, K, C)
+    return lambda logits: (logits.softmax(-1) - one_hot) * scale
+
+
+@dataclass(frozen=True)
+class BatchedLoss:
+    """A per-task loss for B clients at once, for kernels that run without autograd."""
+
+    loss: Callable[[Tensor, Tensor, Tensor], Tensor]  # (B, K, O), (B, K[, O]), (B, K) -> (B,)
+    # (target, weight, O) -> the gradient of ``loss`` (summed over clients) w.r.t. out
+    output_grad: Callable[[Tensor, Tensor, int], OutputGrad]
+
+
+BATCHED_LOSSES: dict[LossFn, BatchedLoss] = {
+    mse_loss: BatchedLoss(batched_mse_loss, mse_output_grad),
+    cross_entropy_loss: BatchedLoss(batched_cross_entropy_loss, cross_entropy_output_grad),
+}
+
+
+def batched_loss(loss: LossFn) -> BatchedLoss:
+    """The batched form of a per-task loss; a ValueError for a loss that has none."""
+    if loss not in BATCHED_LOSSES:
+        known = ", ".join(f.__name__ for f in BATCHED_LOSSES)
+        raise ValueError(f"{getattr(loss, '__name__', loss)} has no batched form; known: {known}")
+    return BATCHED_LOSSES[loss]
+
+
+# -- step sizes ------------------------------------------------------------------------------
+def rate_at(rates: Tensor, step: int) -> Tensor:
+    """A per-step learned rate (S, ...) at ``step``: past the S learned steps, the last one
+    (an adaptation may run longer than meta-training did)."""
+    return rates[min(step, rates.shape[0] - 1)]
+
+
+def step_rate(inner: InnerLoopConfig, learned: Tensor | None, step: int, lr: Rate | None) -> Rate:
+    """The step size of one parameter (or layer) at ``step``.
+
+    An explicit ``lr`` overrides everything; fixed rates are ``inner.lr``; ``learned`` is
+    that parameter's learned rates: the rate itself (``per_param``, shaped like it) or one
+    per step (``per_layer_per_step``, (S,) or laid out as the kernel needs, (S, ...)).
+    """
+    if lr is not None:
+        return lr
+    if inner.learned_lr == "none":
+        return inner.lr
+    if learned is None:
+        raise ValueError(f"learned_lr={inner.learned_lr!r} needs the learned rates")
+    if inner.learned_lr == "per_layer_per_step":
+        return rate_at(learned, step)
+    return learned
+
+
+# -- gradient clipping -----------------------------------------------------------------------
+def clip_factor(squares: Sequence[Tensor], max_norm: float) -> Tensor:
+    """The factor that scales a gradient down to a global norm of ``max_norm`` if it is
+    longer, from its tensors' squared sums (each a scalar, or (B,) per client): a support
+    set that would make the learned step sizes diverge takes a bounded step."""
+    norm = torch.stack(list(squares)).sum(0).sqrt()  # scalar or (B,)
+    return torch.clamp(max_norm / (norm + 1e-12), max=1.0)
+
+
 def clip_norm(grads: Params, max_norm: float) -> Params:
-    """Scale the gradient down to ``max_norm`` (global over all entries) if it is longer:
-    a support set that would make the learned step sizes diverge takes a bounded step."""
-    norm = torch.stack([(g * g).sum() for g in grads.values()]).sum().sqrt()
-    scale = torch.clamp(max_norm / (norm + 1e-12), max=1.0)
+    """``grads`` scaled by ``clip_factor``: global over all entries."""
+    scale = clip_factor([(g * g).sum() for g in grads.values()], max_norm)
     return {n: g * scale for n, g in grads.items()}
 
 
@@ -116,13 +229,19 @@ class Learner:
             }
         return {}
 
-    def step_lr(self, lrs: Params, name: str, step: int, lr: float | None) -> Tensor | float:
-        if lr is not None or self.inner.learned_lr == "none":
-            return self.inner.lr if lr is None else lr
-        rate = lrs[name]
-        if self.inner.learned_lr == "per_layer_per_step":
-            return rate[min(step, rate.shape[0] - 1)]  # past the trained steps: the last rate
-        return rate
+    def step_lr(self, lrs: Params, name: str, step: int, lr: float | None) -> Rate:
+        """The step size of parameter ``name`` at ``step`` (``maml.step_rate``)."""
+        learned = lrs[name] if lr is None and self.inner.learned_lr != "none" else None
+        return step_rate(self.inner, learned, step, lr)
+
+    def update(
+        self, fast: Params, grads: Params, lrs: Params, step: int, lr: float | None
+    ) -> Params:
+        """One inner step from the support gradient: clipped (``grad_clip``), then
+        ``p - rate * g`` with each parameter's rate for this step."""
+        if self.inner.grad_clip is not None:
+            grads = clip_norm(grads, self.inner.grad_clip)
+        return {n: p - self.step_lr(lrs, n, step, lr) * grads[n] for n, p in fast.items()}
 
     # -- forward -----------------------------------------------------------------------------
     def features(self, frozen: Params, x: Tensor) -> Tensor:
@@ -144,6 +263,10 @@ class Learner:
             raise ValueError("only head-only adaptation runs on features")
         return Learner(_Features(self.net.get_submodule("head")), self.loss, self.inner)
 
+    def support_loss(self, fast: Params, frozen: Params, h: Tensor, y: Tensor, w: Tensor) -> Tensor:
+        """The loss the inner loop descends, on features h (K, ...) from ``features``."""
+        return self.loss(self.fast_forward(fast, frozen, h), y, w)
+
     def predict(self, params: Params, fast: Params, x: Tensor) -> Tensor:
         """Outputs of the adapted model for one task: x (Q, ...) -> (Q, O)."""
         _, frozen = self.split(params)
@@ -163,16 +286,14 @@ class Learner:
         create_graph: bool,
     ) -> Iterator[tuple[Params, Tensor]]:
         def support_loss(fast: Params) -> Tensor:
-            return self.loss(self.fast_forward(fast, frozen, h), y, w)
+            return self.support_loss(fast, frozen, h, y, w)
 
         step_grad = grad_and_value(support_loss)
         for step in range(steps):
             grads, loss = step_grad(fast)
             if not create_graph:
                 grads = {n: g.detach() for n, g in grads.items()}
-            if self.inner.grad_clip is not None:
-                grads = clip_norm(grads, self.inner.grad_clip)
-            fast = {n: p - self.step_lr(lrs, n, step, lr) * grads[n] for n, p in fast.items()}
+            fast = self.update(fast, grads, lrs, step, lr)
             yield fast, loss
 
     def steps(
@@ -218,7 +339,7 @@ class Learner:
         trajectory = list(self._descend(fast, frozen, h, y, w, lrs, n, lr, create_graph))
         if trajectory:
             fast = trajectory[-1][0]
-        loss_after = self.loss(self.fast_forward(fast, frozen, h), y, w)
+        loss_after = self.support_loss(fast, frozen, h, y, w)
         loss_before = trajectory[0][1] if trajectory else loss_after
         return AdaptResult(fast, loss_before, loss_after)
 

@@ -271,10 +271,10 @@ class Trainer:
     def init_body(self, directory: str) -> None:
         """Copy an artifact's body into the net (same architecture required)."""
         source = MetaModel.load(directory)
-        if source.config.architecture != architecture(self.cfg):
+        expected = nets.resolve(architecture(self.cfg))  # as complete as a loaded config's
+        if source.config.architecture != expected:
             raise ValueError(
-                f"{directory}: architecture {source.config.architecture} "
-                f"!= {architecture(self.cfg)}"
+                f"{directory}: architecture {source.config.architecture} != {expected}"
             )
         body = {n: t for n, t in source.params.items() if n.startswith("body.")}
         own = {n for n, _ in self.net.named_parameters() if n.startswith("body.")}

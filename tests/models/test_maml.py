@@ -6,7 +6,18 @@ import pytest
 import torch
 from torch import Tensor
 
-from models.maml import InnerLoopConfig, Learner, cross_entropy_loss, mse_loss
+from models.maml import (
+    BATCHED_LOSSES,
+    InnerLoopConfig,
+    Learner,
+    batched_loss,
+    clip_factor,
+    clip_norm,
+    cross_entropy_loss,
+    mse_loss,
+    rate_at,
+    step_rate,
+)
 from models.nets import MLP
 from models.params import Params
 
@@ -190,3 +201,72 @@ def test_inner_gradient_clipping_bounds_each_step() -> None:
         fast = {n: t - 0.02 * scale * g for (n, t), g in zip(fast.items(), grads, strict=True)}
     for name in params:
         torch.testing.assert_close(ours.fast[name], fast[name].detach(), atol=1e-5, rtol=1e-5)
+
+
+def batch_of_tasks(loss: object, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Three clients' outputs (B, K, O), targets and padding weights (B, K), float64."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.randn(3, 6, 4, generator=g, dtype=torch.float64)
+    if loss is cross_entropy_loss:
+        target = torch.randint(0, 4, (3, 6), generator=g)
+    else:
+        target = torch.randn(3, 6, 4, generator=g, dtype=torch.float64)
+    w = torch.ones(3, 6, dtype=torch.float64)
+    w[0, 2:] = 0.0  # padding
+    w[2, 1:] = 0.0
+    return out, target, w
+
+
+@pytest.mark.parametrize("loss", list(BATCHED_LOSSES), ids=lambda f: f.__name__)
+def test_a_batched_loss_is_its_per_task_loss_per_client(loss: object) -> None:
+    out, target, w = batch_of_tasks(loss)
+    batched = batched_loss(loss)  # type: ignore[arg-type]
+    got = batched.loss(out, target, w)  # (B,)
+    assert got.shape == (3,)
+    for i in range(3):
+        real = w[i] > 0  # the client alone: its real rows only
+        alone = loss(out[i][real], target[i][real], w[i][real])  # type: ignore[operator]
+        torch.testing.assert_close(got[i], alone)
+
+
+@pytest.mark.parametrize("loss", list(BATCHED_LOSSES), ids=lambda f: f.__name__)
+def test_a_batched_output_gradient_is_autograds(loss: object) -> None:
+    out, target, w = batch_of_tasks(loss, seed=1)
+    batched = batched_loss(loss)  # type: ignore[arg-type]
+    leaf = out.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(batched.loss(leaf, target, w).sum(), leaf)
+    torch.testing.assert_close(batched.output_grad(target, w, out.shape[-1])(out), expected)
+
+
+def test_a_loss_without_a_batched_form_is_refused() -> None:
+    def l1(pred: Tensor, target: Tensor, weight: Tensor) -> Tensor:
+        return ((pred - target).abs().mean(-1) * weight).sum()
+
+    with pytest.raises(ValueError, match="l1 has no batched form"):
+        batched_loss(l1)
+
+
+def test_rates_past_the_learned_steps_stay_at_the_last_one() -> None:
+    rates = torch.tensor([0.3, 0.2, 0.1])
+    assert [float(rate_at(rates, s)) for s in range(5)] == pytest.approx([0.3, 0.2, 0.1, 0.1, 0.1])
+    per_step = InnerLoopConfig(steps=3, lr=0.5, learned_lr="per_layer_per_step")
+    assert float(step_rate(per_step, rates, 7, None)) == pytest.approx(0.1)
+    assert step_rate(per_step, rates, 0, 0.05) == 0.05  # an explicit rate overrides
+    per_param = InnerLoopConfig(learned_lr="per_param")
+    assert step_rate(per_param, rates, 4, None) is rates
+    assert step_rate(InnerLoopConfig(lr=0.5), None, 9, None) == 0.5
+    with pytest.raises(ValueError, match="needs the learned rates"):
+        step_rate(per_param, None, 0, None)
+
+
+def test_clip_factor_bounds_the_global_norm_per_client() -> None:
+    grads = {"a": torch.tensor([3.0, 0.0]), "b": torch.tensor([[4.0]])}  # norm 5
+    torch.testing.assert_close(
+        clip_factor([(g * g).sum() for g in grads.values()], 1.0), torch.tensor(0.2)
+    )
+    clipped = clip_norm(grads, 1.0)
+    norm = torch.sqrt(sum((g * g).sum() for g in clipped.values()))
+    torch.testing.assert_close(norm, torch.tensor(1.0))
+    # per client: squared sums (B,) per tensor; a short gradient is left as it is
+    squares = [torch.tensor([9.0, 0.01]), torch.tensor([16.0, 0.0])]
+    torch.testing.assert_close(clip_factor(squares, 1.0), torch.tensor([0.2, 1.0]))

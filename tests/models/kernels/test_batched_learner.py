@@ -13,10 +13,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from models.batched import (
+from models.kernels import (
     CPU_BODY_ROWS,
     BatchedLearner,
-    BytesPacker,
     autograd_adapt,
     pad_batch,
     stack,
@@ -31,7 +30,7 @@ from models.maml import (
     mse_loss,
 )
 from models.nets import MLP, Conv4
-from models.params import Params, from_bytes, to_bytes
+from models.params import Params
 
 torch.set_num_threads(1)
 
@@ -312,43 +311,6 @@ def test_pad_batch_weights_mark_the_real_rows() -> None:
     assert x.shape == (2, 4, 1) and y.shape == (2, 2, 1)
     assert w.tolist() == [[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]]
     assert x[0, 2:].abs().sum() == 0
-
-
-@pytest.mark.parametrize("adapt", ["all", "head"])
-def test_bytes_packer_is_byte_identical_to_safetensors(adapt: str) -> None:
-    learner, params, lrs = make_learner(adapt=adapt)
-    batch = BatchedLearner(learner, params, lrs)
-    xs, ys = sinusoids([3, 8, 5])
-    x, y, w = pad_batch(xs, ys)
-    fast = batch.adapt(x, y, w).fast  # strided views of the kernel's stacks
-    packer = BytesPacker(learner.split(params)[0])
-    blobs = packer.pack(fast)
-    for blob, one in zip(blobs, unstack(fast), strict=True):
-        assert blob == to_bytes(one)
-        back = from_bytes(blob)
-        for name, tensor in one.items():
-            assert torch.equal(back[name], tensor)
-    with pytest.raises(ValueError, match="shape"):
-        packer.pack({n: t[..., :1] for n, t in fast.items()})
-
-
-def test_the_packer_reads_blobs_back_flat_and_unflattens_a_batch() -> None:
-    """The engine caches each client's params as one flat tensor: from a blob of ours (its
-    data section) or any safetensors of the same params, and back to (B, ...) per entry."""
-    learner, params, lrs = make_learner()
-    xs, ys = sinusoids([5, 7, 3])
-    fast = BatchedLearner(learner, params, lrs).adapt(*pad_batch(xs, ys), steps=2).fast
-    packer = BytesPacker(learner.split(params)[0])
-    ours = packer.pack(fast)
-    foreign = [to_bytes(dict(reversed(list(one.items())))) for one in unstack(fast)]
-    for blobs in (ours, foreign):
-        flat = torch.stack([packer.unpack(blob) for blob in blobs])  # (B, P)
-        assert flat.shape == (3, packer.numel) and flat.is_contiguous()
-        back = packer.unflatten(flat)
-        for name, tensor in fast.items():
-            assert torch.equal(back[name], tensor)
-    with pytest.raises(ValueError, match="differ"):
-        packer.unpack(to_bytes({n: t[0, ..., :1].contiguous() for n, t in fast.items()}))
 
 
 def test_losses_are_finite_and_decrease_on_a_batch() -> None:
