@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from models.augment import SupportShifts
-from models.batched import pad_batch
+from models.kernels import pad_batch
 from service.engine.jobs import AdaptJob, Inputs
 
 

@@ -21,8 +21,8 @@ from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, fields, replace
 
-from models.batched import Path
 from models.checkpoint import MetaModel
+from models.kernels import KernelPath
 from service.engine.batcher import Batcher, Job
 from service.engine.cache import CacheStats, ParamsCache
 from service.engine.device import resolve_device
@@ -44,7 +44,7 @@ class EngineConfig:
     cache_bytes: int = 256 * MiB  # adapted params kept on the device
     job_timeout_s: float = 30.0  # a job not started by then fails with DeadlineExceeded
     threads: int = 1  # torch intra-op threads; 1 measured best on a shared 2-core machine
-    path: Path = "auto"  # kernel: "auto" (bmm for MLPs, else vmap), "vmap", "bmm" (MLPs only)
+    path: KernelPath = "auto"  # "auto" (bmm for MLPs, else vmap), "vmap", "bmm" (MLPs only)
 
     @classmethod
     def of(cls, settings: object) -> EngineConfig:

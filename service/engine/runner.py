@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from models.batched import BatchedLearner, BytesPacker, Path
 from models.checkpoint import MetaModel
+from models.kernels import BatchedLearner, KernelPath
+from models.params import BytesPacker
 from service.engine import batches
 from service.engine.batcher import Group
 from service.engine.jobs import Adapted, AdaptJob, Inputs, Key
@@ -40,7 +41,9 @@ class PredictWork:
 
 
 class ModelRunner:
-    def __init__(self, meta_model: MetaModel, device: torch.device, path: Path = "auto") -> None:
+    def __init__(
+        self, meta_model: MetaModel, device: torch.device, path: KernelPath = "auto"
+    ) -> None:
         model = copy.deepcopy(meta_model).to(device)  # buffers (Standardize) included
         self.name = model.name
         self.device = device
