@@ -24,7 +24,7 @@ from models.maml import Adapt, InnerLoopConfig, Learner, cross_entropy_loss, mse
 from models.nets import MLP, Conv4
 from models.params import Params
 from models.tasks import Episode, sinusoid
-from models.train import task_losses
+from models.train.loop import task_losses
 
 
 def looped_losses(learner: Learner, params: Params, ep: Episode, create_graph: bool) -> Tensor:

@@ -12,6 +12,7 @@ from pathlib import Path
 from anyio import to_thread
 from fastapi import FastAPI
 
+from models import tasks
 from models.checkpoint import MetaModel, discover
 from service.api import errors, routes, stats
 from service.api.middleware import BodyLimit
@@ -29,6 +30,7 @@ def load_meta_models(directory: Path) -> dict[str, MetaModel]:
     loaded: dict[str, MetaModel] = {}
     for path in discover(directory):
         meta_model = MetaModel.load(path)
+        tasks.family(meta_model.config.family)  # a KeyError naming the known families
         if meta_model.name in loaded:
             raise ValueError(f"two artifacts named {meta_model.name!r} under {directory}")
         loaded[meta_model.name] = meta_model

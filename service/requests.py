@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from models import tasks
 from models.checkpoint import MetaModel
-from models.tasks import image_preprocess
 from service import images
 from service.engine import AdaptJob, Inputs
 from service.errors import InvalidInput, TooLarge
@@ -96,7 +96,7 @@ def model_inputs(
     prod(input_shape) numbers, else an (N, *input_shape) float32 tensor."""
     shape = list(model.config.input_shape)
     width = math.prod(shape)
-    preprocess = image_preprocess(model.config.family)
+    preprocess = tasks.family(model.config.family).preprocess  # None: not an image family
     items: list[list[float] | Tensor] = []
     tensors = False
     for i, item in enumerate(inputs):

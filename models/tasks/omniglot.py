@@ -8,23 +8,53 @@ are the unrotated characters.
 
 ``preprocess`` is the one function that turns a grayscale image of any size into the
 model's input: training calls it on the decoded PNGs, the service on uploads.
+
+The recipe (``fastadapt train omniglot``) runs the image stages of
+``models.train.stages`` on a Conv4: supervised pre-training of the body (``--epochs``),
+optionally prototypical fine-tuning (``--proto-episodes``; ``--init DIR`` starts the body
+from an artifact's instead of stage 1), then ANIL meta-training (``--iterations``). The
+meta-test (``fastadapt eval omniglot``) adapts to N-way K-shot tasks of the held-out
+alphabets through ``MetaModel.adapt`` + ``predict``, exactly as the service serves them.
 """
 
 from __future__ import annotations
 
+import argparse
+import sys
+import time
 import zipfile
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.tasks import Episode
+from models import nets
+from models.augment import SupportShifts
+from models.checkpoint import ArtifactConfig, MetaModel
+from models.evaluate import mean_ci95
+from models.maml import LOSSES, InnerLoopConfig, LearnedLr, Learner
+from models.params import Params
+from models.tasks import Episode, Family
 from models.tasks.png import decode_gray
+from models.train import options
+from models.train.loop import MetaTrainConfig, Stage, Trainer
+from models.train.stages import (
+    AnilStage,
+    EpisodeShape,
+    PrototypicalConfig,
+    PrototypicalStage,
+    SupervisedConfig,
+    SupervisedStage,
+    body_parameters,
+)
 
+NAME = "omniglot"
 SIZE = 28
 INPUT_SHAPE = (1, SIZE, SIZE)
 MAX_WAY = 20  # head outputs: one artifact serves any N in 2..MAX_WAY
@@ -217,3 +247,414 @@ def augment(g: torch.Generator, x: Tensor, shift: float, scale: float, rotate: f
     )  # (B, 2, 3)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+# -- meta-training ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RecipeConfig:
+    channels: int = 64  # Conv4 width
+    readout: str = "map"  # the served body's features: see nets.Conv4 (stage 1 uses "pool")
+    shift: float = 0.1  # affine augmentation: translation (fraction of half-width)
+    zoom: float = 0.1  # ... zoom 1 +- zoom
+    rotate: float = 0.17  # ... rotation +- radians (about 10 degrees)
+    # stage 1: supervised pre-training of the body
+    epochs: int = 40  # passes over the training characters x rotations
+    batch: int = 128
+    lr: float = 2e-3  # Adam, cosine-annealed to 0
+    label_smoothing: float = 0.1
+    cosine_scale: float = 16.0  # fixed temperature of the cosine classifier
+    validate_every_epochs: int = 5
+    # stage 1b: prototypical-network fine-tuning of the served body (0 episodes: skipped)
+    proto_episodes: int = 0
+    proto_lr: float = 5e-4  # Adam, cosine-annealed to 0
+    proto_min_way: int = 20
+    proto_max_way: int = 60
+    proto_queries: int = 5  # query images per class
+    proto_scale: float = 10.0  # initial temperature (learned)
+    proto_validate_every: int = 200  # episodes
+    init: str | None = None  # start the body from this artifact's body (skip stage 1)
+    # stage 2: ANIL meta-training
+    iterations: int = 400  # meta-iterations
+    meta_batch: int = 4  # tasks per meta-iteration
+    meta_lr: float = 2e-4  # Adam on the body, cosine-annealed to meta_lr_min
+    meta_lr_min: float = 0.0
+    rate_lr: float | None = 0.1  # Adam on the learned inner rates (not annealed)
+    clip: float | None = None  # max norm of the meta-gradient (None: off)
+    first_order_until: float = 0.0  # fraction of stage 2 run first-order
+    validate_every: int = 100  # meta-iterations
+    max_train_shot: int = 5
+    queries: int = 5  # query images per class in training episodes
+    inner_steps: int = 10
+    inner_lr: float = 5.0  # initial inner step size (unit features; 20+ diverges early on)
+    learned_lr: LearnedLr = "per_layer_per_step"
+    first_order: bool = False
+    inner_grad_clip: float | None = None
+    support_shifts: int = 0  # > 0: support sets gain copies shifted this many pixels
+    support_max_images: int = 100  # ... when they stay within this many images (augment.py)
+    # validation: 20-way 1-shot on the held-out alphabets through the served path
+    val_tasks: int = 100
+
+
+RECIPE = RecipeConfig()
+
+
+def architecture(cfg: RecipeConfig, readout: str | None = None) -> dict[str, Any]:
+    return {
+        "kind": "conv4",
+        "channels": cfg.channels,
+        "out_features": MAX_WAY,
+        "readout": cfg.readout if readout is None else readout,
+    }
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    r = RECIPE
+    p.add_argument("--data", required=True, help="folder with the Omniglot background zips")
+    p.add_argument("--epochs", type=int, default=r.epochs, help="stage 1 epochs (0: skip)")
+    p.add_argument(
+        "--validate-every-epochs", type=int, default=r.validate_every_epochs, help="stage 1"
+    )
+    p.add_argument(
+        "--proto-episodes",
+        type=int,
+        default=r.proto_episodes,
+        help="stage 1b: prototypical-network episodes (0: skip)",
+    )
+    p.add_argument("--proto-lr", type=float, default=r.proto_lr, help="stage 1b Adam step size")
+    p.add_argument("--proto-min-way", type=int, default=r.proto_min_way, help="stage 1b")
+    p.add_argument("--proto-max-way", type=int, default=r.proto_max_way, help="stage 1b")
+    p.add_argument(
+        "--proto-validate-every", type=int, default=r.proto_validate_every, help="stage 1b"
+    )
+    p.add_argument("--init", help="start the body from this artifact's body (use --epochs 0)")
+    p.add_argument("--channels", type=int, default=r.channels, help="Conv4 width")
+    p.add_argument(
+        "--readout", choices=["pool", "map"], default=r.readout, help="served body's features"
+    )
+    p.add_argument("--shift", type=float, default=r.shift, help="augmentation: translation")
+    p.add_argument("--zoom", type=float, default=r.zoom, help="augmentation: zoom 1 +- this")
+    p.add_argument("--rotate", type=float, default=r.rotate, help="augmentation: radians")
+    p.add_argument("--val-tasks", type=int, default=r.val_tasks, help="20-way 1-shot tasks")
+    p.add_argument(
+        "--support-shifts",
+        type=int,
+        default=r.support_shifts,
+        metavar="PIXELS",
+        help="stage 2 and serving: add support copies shifted this far (0: off; augment.py)",
+    )
+    p.add_argument(
+        "--support-max-images",
+        type=int,
+        default=r.support_max_images,
+        help="... only for support sets that stay within this many images",
+    )
+
+
+def recipe(args: argparse.Namespace) -> RecipeConfig:
+    given = {f.name: getattr(args, f.name) for f in fields(RecipeConfig) if hasattr(args, f.name)}
+    return RecipeConfig(**given)
+
+
+class Recipe:
+    """The stages on one Conv4 body, and the artifact they produce."""
+
+    def __init__(self, cfg: RecipeConfig, args: argparse.Namespace, argv: Sequence[str]) -> None:
+        self.cfg = cfg
+        meta = options.meta_config(args)  # (sets the torch threads too)
+        device = options.device(args)
+        data = load(args.data)
+        self.train, self.val = split(data)
+        self.task: dict[str, Any] = {
+            "kind": "classification",
+            "input_shape": list(INPUT_SHAPE),
+            "max_way": MAX_WAY,
+            "max_shot": MAX_SHOT,
+            "output": OUTPUT,
+            "preprocess": PREPROCESS,
+            "split": split_record(data),
+        }
+        shifts = None
+        if cfg.support_shifts > 0:
+            shifts = SupportShifts(cfg.support_shifts, cfg.support_max_images)
+            self.task["support_shifts"] = shifts.to_dict()
+        self.training: dict[str, Any] = {
+            "command": options.command(FAMILY, argv),
+            "seed": args.seed,
+            "recipe": asdict(cfg),
+        }
+        torch.manual_seed(args.seed)
+        g = torch.Generator().manual_seed(args.seed)
+
+        def warp(x: Tensor) -> Tensor:
+            return augment(g, x.to(device), cfg.shift, cfg.zoom, cfg.rotate)
+
+        def episodes(tasks: int, way: int, shot: int, queries: int) -> Episode:
+            return sample(g, self.train, tasks, way, shot, queries)
+
+        # stage 1 trains the body through the pooled readout; the served net (same body
+        # modules, the configured readout) is what stage 2 meta-trains and the artifact holds
+        self.net = cast(nets.Conv4, nets.build(architecture(cfg, "pool")).to(device))
+        with torch.no_grad():
+            self.net.head.weight.zero_()
+            self.net.head.bias.zero_()
+        self.net.head.requires_grad_(False)
+        body = body_parameters(self.net)
+        images = self.train.images.reshape(-1, *INPUT_SHAPE)  # (C*20, 1, 28, 28)
+        labels = torch.arange(self.train.classes).repeat_interleave(self.train.images.shape[1])
+        supervised = SupervisedStage(
+            self.net.body,
+            self.net.features,
+            body,
+            images,
+            labels,
+            SupervisedConfig(
+                cfg.epochs,
+                cfg.batch,
+                cfg.lr,
+                cfg.label_smoothing,
+                cfg.cosine_scale,
+                cfg.validate_every_epochs,
+            ),
+            augment=warp,
+            g=g,
+            device=device,
+            validate=lambda: self.validate(learned=False),
+            snapshot=lambda: self.model(learned=False),
+        )
+        if cfg.init is not None:
+            self.init_body(cfg.init)
+        self.served = cast(nets.Conv4, nets.build(architecture(cfg)).to(device))
+        for i, module in enumerate(self.served.body):
+            if isinstance(module, torch.nn.Conv2d | torch.nn.GroupNorm):
+                self.served.body[i] = self.net.body[i]  # shared: one set of body weights
+        with torch.no_grad():  # the head starts every adaptation at zero, as served
+            self.served.head.weight.zero_()
+            self.served.head.bias.zero_()
+        self.served.head.requires_grad_(False)
+        prototypical = PrototypicalStage(
+            self.served.body,
+            body,
+            PrototypicalConfig(
+                cfg.proto_episodes,
+                cfg.proto_lr,
+                cfg.proto_min_way,
+                cfg.proto_max_way,
+                cfg.max_train_shot,
+                cfg.proto_queries,
+                cfg.proto_scale,
+                cfg.proto_validate_every,
+            ),
+            episodes=episodes,
+            augment=warp,
+            g=g,
+            device=device,
+            validate=lambda: self.validate(learned=False),
+            snapshot=lambda: self.model(learned=False),
+        )
+        self.inner = options.inner_config(args, adapt="head")
+        learner = Learner(self.served, LOSSES["classification"], self.inner)
+        self.anil = AnilStage(
+            self.served,
+            body,
+            learner,
+            meta,
+            EpisodeShape(MAX_WAY, cfg.max_train_shot, cfg.queries),
+            episodes=episodes,
+            augment=warp,
+            shifts=shifts,
+            g=g,
+            device=device,
+            validate=lambda: self.validate(learned=True),
+        )
+        stages: list[Stage] = [supervised, prototypical, self.anil]
+        self.trainer = Trainer(stages, Path(args.out), modules={"net": self.net})
+
+    def config(self, learned: bool) -> ArtifactConfig:
+        inner = self.inner if learned else replace_learned(self.inner)
+        training = {**self.training, "elapsed_s": round(self.trainer.elapsed(), 1)}
+        return ArtifactConfig(NAME, NAME, architecture(self.cfg), self.task, inner, training)
+
+    def artifact(self, learned: bool) -> tuple[ArtifactConfig, Params, Params]:
+        """The body, a zero head (no class favoured) and the inner rates, if learned."""
+        params = {n: p.detach().clone() for n, p in self.served.named_parameters()}
+        lrs = self.anil.learned_lrs() if learned else {}
+        return self.config(learned), params, lrs
+
+    def model(self, learned: bool) -> MetaModel:
+        return MetaModel(*self.artifact(learned), version="")
+
+    def validate(self, learned: bool) -> float:
+        model = self.model(learned)
+        accs = accuracies(model, self.val, 20, 1, self.cfg.val_tasks, 5, seed=12345)
+        return float(accs.mean())
+
+    def init_body(self, directory: str) -> None:
+        """Copy an artifact's body into the net (same architecture required)."""
+        source = MetaModel.load(directory)
+        want = ArtifactConfig(NAME, NAME, architecture(self.cfg), {}, InnerLoopConfig())
+        if source.config.architecture != want.architecture:
+            raise ValueError(
+                f"{directory}: architecture {source.config.architecture} != {want.architecture}"
+            )
+        body = {n: t for n, t in source.params.items() if n.startswith("body.")}
+        own = {n for n, _ in self.net.named_parameters() if n.startswith("body.")}
+        if set(body) != own:
+            raise ValueError(f"{directory}: body parameters {sorted(body)} != {sorted(own)}")
+        with torch.no_grad():
+            for n, p in self.net.named_parameters():
+                if n in body:
+                    p.copy_(body[n].to(p.device))
+        self.training["init"] = {  # with how the init was trained: the full provenance
+            "artifact": directory,
+            "sha256": source.version,
+            "training": source.config.training,
+        }
+
+
+def replace_learned(inner: InnerLoopConfig) -> InnerLoopConfig:
+    """The inner loop of a snapshot taken before any rate was learned."""
+    return InnerLoopConfig(**{**inner.to_dict(), "learned_lr": "none"})
+
+
+def train(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    run = Recipe(recipe(args), args, argv)
+    learned = run.cfg.iterations > 0
+    options.run_and_save(
+        run.trainer, lambda: run.artifact(learned), Path(args.out), resume=args.resume
+    )
+
+
+# -- meta-test --------------------------------------------------------------------------------
+DEFAULT_PROTOCOLS = ((5, 1), (5, 5), (20, 1), (20, 5))
+
+
+def accuracies(
+    model: MetaModel, split: Split, way: int, shot: int, tasks: int, queries: int, seed: int
+) -> Tensor:
+    """Per-task query accuracies (tasks,) through ``MetaModel.adapt`` + ``predict``."""
+    return meta_test(model, split, way, shot, tasks, queries, seed)[0]
+
+
+def meta_test(
+    model: MetaModel, split: Split, way: int, shot: int, tasks: int, queries: int, seed: int
+) -> tuple[Tensor, Counter[tuple[str, str]]]:
+    """Per-task query accuracies (tasks,) and the errors by (true, predicted) character."""
+    g = torch.Generator().manual_seed(seed)
+    device = str(next(iter(model.params.values())).device)
+    accs = []
+    errors: Counter[tuple[str, str]] = Counter()
+    for _ in range(tasks):
+        ep = sample(g, split, 1, way, shot, queries)
+        assert ep.classes is not None  # sample records each label's class
+        classes = ep.classes[0].tolist()  # (N,)
+        ep = ep.to(device)
+        fast = model.adapt(ep.xs[0], ep.ys[0]).fast  # support (N*K, 1, 28, 28), labels (N*K,)
+        logits = model.predict(fast, ep.xq[0])[:, :way]  # (N*Q, N): the task's own labels
+        predicted = logits.argmax(-1)
+        accs.append((predicted == ep.yq[0]).float().mean())
+        wrong = (predicted != ep.yq[0]).nonzero().flatten().tolist()
+        for t, p in zip(ep.yq[0][wrong].tolist(), predicted[wrong].tolist(), strict=True):
+            errors[split.names[classes[t]], split.names[classes[p]]] += 1
+    return torch.stack(accs).cpu(), errors
+
+
+def confusion_table(errors: Counter[tuple[str, str]], queries: int, top: int) -> str:
+    """The ``top`` (true, predicted) character pairs by errors, as a markdown table."""
+    total = sum(errors.values())
+    lines = [
+        f"{total} errors in {queries} queries; the {top} most frequent confusions:",
+        "| true | predicted | errors | share of errors |",
+        "|---|---|---:|---:|",
+    ]
+    for (true, predicted), n in errors.most_common(top):
+        lines.append(f"| {true} | {predicted} | {n} | {100 * n / max(total, 1):.1f}% |")
+    return "\n".join(lines)
+
+
+def held_out_split(model: MetaModel, data: Omniglot) -> Split:
+    held = tuple(model.config.task["split"]["held_out_alphabets"])
+    return split(data, held)[1]
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--artifact", default="models/artifacts/omniglot", help="artifact directory")
+    p.add_argument("--data", default="../shared/data/omniglot", help="the Omniglot zips' folder")
+    p.add_argument(
+        "--way", type=int, choices=range(2, MAX_WAY + 1), metavar="N", help="N (default: 5, 20)"
+    )
+    p.add_argument(
+        "--shot", type=int, choices=range(1, MAX_SHOT + 1), metavar="K", help="K (default: 1, 5)"
+    )
+    p.add_argument("--queries", type=int, default=10, help="query drawings per class")
+    p.add_argument(
+        "--confusions",
+        type=int,
+        default=0,
+        metavar="TOP",
+        help="after the table, each row's TOP character pairs the model confuses most",
+    )
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    model = MetaModel.load(args.artifact).to(args.device)
+    data = load(args.data)
+    held = held_out_split(model, data)
+    protocols: tuple[tuple[int, int], ...] = DEFAULT_PROTOCOLS
+    if args.way is not None or args.shot is not None:
+        ways = (args.way,) if args.way else (5, 20)
+        shots = (args.shot,) if args.shot else (1, 5)
+        protocols = tuple((w, k) for w in ways for k in shots)
+    inner = model.config.inner
+    alphabets = ", ".join(model.config.task["split"]["held_out_alphabets"])
+    print(
+        f"Omniglot meta-test: artifact {args.artifact} (sha256 {model.version[:12]}), "
+        f"held-out alphabets {alphabets} ({held.classes} characters)\n"
+        f"adaptation: adapt={inner.adapt} steps={inner.steps} learned_lr={inner.learned_lr} "
+        f"support_shifts={model.config.task.get('support_shifts')}; "
+        f"{args.tasks} tasks per row, {args.queries} queries per class, seed {args.seed}\n"
+    )
+    print("| way | shot | accuracy | 95% CI | s/task |")
+    print("|----:|-----:|---------:|-------:|-------:|")
+    confused: list[tuple[int, int, Counter[tuple[str, str]]]] = []
+    for way, shot in protocols:
+        t0 = time.perf_counter()
+        accs, errors = meta_test(model, held, way, shot, args.tasks, args.queries, args.seed)
+        per_task = (time.perf_counter() - t0) / args.tasks
+        mean, ci = mean_ci95(accs)
+        print(f"| {way} | {shot} | {100 * mean:.2f}% | ± {100 * ci:.2f}% | {per_task:.3f} |")
+        confused.append((way, shot, errors))
+        sys.stdout.flush()
+    for way, shot, errors in confused if args.confusions > 0 else []:
+        queries = args.tasks * way * args.queries
+        print(f"\n{way}-way {shot}-shot: " + confusion_table(errors, queries, args.confusions))
+
+
+FAMILY = Family(
+    name=NAME,
+    summary="N-way K-shot classification of handwritten characters (images)",
+    input_shape=INPUT_SHAPE,
+    sample=sample,
+    preprocess=preprocess,
+    meta_defaults=MetaTrainConfig(
+        iterations=RECIPE.iterations,
+        meta_batch=RECIPE.meta_batch,
+        meta_lr=RECIPE.meta_lr,
+        meta_lr_min=RECIPE.meta_lr_min,
+        rate_lr=RECIPE.rate_lr,
+        clip=RECIPE.clip,
+        first_order_until=RECIPE.first_order_until,
+        validate_every=RECIPE.validate_every,
+    ),
+    inner_defaults=InnerLoopConfig(
+        steps=RECIPE.inner_steps,
+        lr=RECIPE.inner_lr,
+        first_order=RECIPE.first_order,
+        adapt="head",
+        learned_lr=RECIPE.learned_lr,
+        grad_clip=RECIPE.inner_grad_clip,
+    ),
+    add_train_arguments=add_train_arguments,
+    train=train,
+    add_eval_arguments=add_eval_arguments,
+    evaluate=evaluate,
+)

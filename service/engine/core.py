@@ -22,10 +22,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, fields, replace
 
 from models.checkpoint import MetaModel
+from models.device import resolve_device
 from models.kernels import KernelPath
 from service.engine.batcher import Batcher, Job
 from service.engine.cache import CacheStats, ParamsCache
-from service.engine.device import resolve_device
 from service.engine.jobs import Adapted, AdaptJob, Key, NotCached, PredictJob
 from service.engine.runner import AdaptWork, ModelRunner, PredictWork
 from service.engine.worker import DeviceWorker, WorkerStats

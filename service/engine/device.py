@@ -1,20 +1,10 @@
-"""The engine's device and the process's torch threads."""
+"""The process's torch threads (the device itself is resolved by ``models.device``)."""
 
 from __future__ import annotations
 
 import contextlib
 
 import torch
-
-
-def resolve_device(spec: str) -> torch.device:
-    """ "auto" -> CUDA when present, else the CPU; otherwise a torch device string."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {spec!r}: CUDA is not available")
-    return device
 
 
 def configure_threads(threads: int) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from models import tasks
 from models.checkpoint import MetaModel
-from models.tasks import image_preprocess
 from service.errors import NotFound
 from service.requests import MetaModels
 
@@ -42,7 +42,7 @@ def describe(model: MetaModel) -> MetaModelInfo:
         adapt=inner.adapt,
         learned_lr=inner.learned_lr,
         max_way=config.task.get("max_way"),
-        accepts_images=image_preprocess(config.family) is not None,
+        accepts_images=tasks.family(config.family).preprocess is not None,
     )
 
 

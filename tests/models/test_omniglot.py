@@ -197,7 +197,7 @@ def test_conv4_prediction_does_not_depend_on_the_batch() -> None:
 @needs_data
 @pytest.mark.skipif(not (ARTIFACT / "config.json").exists(), reason="artifact not shipped")
 def test_shipped_artifact_adapts_to_held_out_alphabets(data: omniglot.Omniglot) -> None:
-    from models.evaluate_omniglot import accuracies, held_out_split
+    from models.tasks.omniglot import accuracies, held_out_split
 
     model = MetaModel.load(ARTIFACT)
     assert model.config.task["max_way"] == 20 and model.config.inner.adapt == "head"
@@ -209,7 +209,7 @@ def test_shipped_artifact_adapts_to_held_out_alphabets(data: omniglot.Omniglot) 
 @needs_data
 @pytest.mark.skipif(not (ARTIFACT / "config.json").exists(), reason="artifact not shipped")
 def test_meta_test_counts_each_error_by_character_pair(data: omniglot.Omniglot) -> None:
-    from models.evaluate_omniglot import accuracies, confusion_table, held_out_split, meta_test
+    from models.tasks.omniglot import accuracies, confusion_table, held_out_split, meta_test
 
     model = MetaModel.load(ARTIFACT)
     split = held_out_split(model, data)
@@ -223,37 +223,39 @@ def test_meta_test_counts_each_error_by_character_pair(data: omniglot.Omniglot) 
 
 
 # -- the training recipe ------------------------------------------------------------------
+def train(argv: list[str]) -> None:
+    from models.train import main
+
+    main(["omniglot", *argv])
+
+
 @needs_data
 def test_training_recipe_smoke_and_resume(tmp_path: Path) -> None:
-    from models import pretrain
-
     out = tmp_path / "run"
     argv = ["--data", str(DATA), "--out", str(out), "--epochs", "0", "--iterations", "2"]
     argv += ["--val-tasks", "1", "--channels", "8", "--seed", "3", "--device", "cpu"]
-    pretrain.main(argv)
+    train(argv)
     model = MetaModel.load(out)
     assert model.config.training["seed"] == 3
     assert "--iterations 2" in model.config.training["command"]
     assert model.config.inner.learned_lr == "per_layer_per_step"
     assert float(model.params["head.weight"].abs().sum()) == 0.0  # adaptation starts at zero
     assert (out / "metrics.csv").read_text().count("\n") == 2  # header + one validation row
-    pretrain.main([*argv, "--resume"])  # already finished: resumes, trains nothing more
+    train([*argv, "--resume"])  # already finished: resumes, trains nothing more
     assert MetaModel.load(out).version == model.version
 
 
 @needs_data
 def test_training_recipe_prototypical_stage_from_an_artifact(tmp_path: Path) -> None:
-    from models import pretrain
-
     common = ["--data", str(DATA), "--val-tasks", "1", "--channels", "8", "--device", "cpu"]
     first = tmp_path / "first"
-    pretrain.main([*common, "--out", str(first), "--epochs", "0", "--iterations", "0"])
+    train([*common, "--out", str(first), "--epochs", "0", "--iterations", "0"])
     start = MetaModel.load(first)
     out = tmp_path / "proto"
     argv = [*common, "--out", str(out), "--init", str(first), "--epochs", "0", "--seed", "4"]
     argv += ["--proto-episodes", "2", "--proto-min-way", "5", "--proto-max-way", "8"]
     argv += ["--iterations", "1"]
-    pretrain.main(argv)
+    train(argv)
     model = MetaModel.load(out)
     assert model.config.training["init"] == {
         "artifact": str(first),
@@ -266,23 +268,21 @@ def test_training_recipe_prototypical_stage_from_an_artifact(tmp_path: Path) -> 
     changed = [n for n in start.params if not torch.equal(start.params[n], tuned.params[n])]
     assert any(n.startswith("body.") for n in changed)  # the episodes trained the body
     assert float(model.params["head.weight"].abs().sum()) == 0.0
-    pretrain.main([*argv, "--resume"])  # already finished: trains nothing more
+    train([*argv, "--resume"])  # already finished: trains nothing more
     assert MetaModel.load(out).version == model.version
     with pytest.raises(ValueError, match="architecture"):  # a body of another width
-        pretrain.main([*argv[:-2], "--channels", "16", "--out", str(tmp_path / "bad")])
+        train([*argv[:-2], "--channels", "16", "--out", str(tmp_path / "bad")])
 
 
 @needs_data
 def test_training_recipe_records_support_shifts_and_can_learn_rates_alone(tmp_path: Path) -> None:
-    from models import pretrain
-
     common = ["--data", str(DATA), "--val-tasks", "1", "--channels", "8", "--device", "cpu"]
     first = tmp_path / "first"
-    pretrain.main([*common, "--out", str(first), "--epochs", "0", "--iterations", "0"])
+    train([*common, "--out", str(first), "--epochs", "0", "--iterations", "0"])
     out = tmp_path / "shifted"
     argv = [*common, "--out", str(out), "--init", str(first), "--epochs", "0"]
     argv += ["--iterations", "2", "--meta-lr", "0", "--support-shifts", "1"]
-    pretrain.main(argv)
+    train(argv)
     start, model = MetaModel.load(first), MetaModel.load(out)
     assert model.config.task["support_shifts"] == {"pixels": 1, "max_images": 100}
     assert model.support_shifts is not None and start.support_shifts is None

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from models.checkpoint import MetaModel
-from models.evaluate import tabular_scores
 from models.tasks import tabular
 from models.train import main as train
 
@@ -89,7 +88,7 @@ def test_meta_training_from_csv_beats_the_initialisation(tmp_path: Path, regress
         data, task_column="customer", label_column="label", regression=regression
     )
     held_out = table.only(set(meta.config.task["held_out_tasks"]))
-    score = tabular_scores(meta, held_out, shots=5, tasks=200, seed=1)
+    score = tabular.scores(meta, held_out, shots=5, tasks=200, seed=1)
     if regression:
         assert score.adapted[0] < 0.5 * score.unadapted[0]
     else:

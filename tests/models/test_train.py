@@ -16,13 +16,20 @@ from models.maml import InnerLoopConfig, Learner, mse_loss
 from models.nets import MLP
 from models.params import Params
 from models.tasks import Episode, sinusoid
-from models.train import MetaTrainConfig, MetaTrainer, Selection, step_weights, task_losses
+from models.train.loop import (
+    MetaStage,
+    MetaTrainConfig,
+    Selection,
+    Trainer,
+    step_weights,
+    task_losses,
+)
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def trainer(out: Path, iterations: int = 12) -> MetaTrainer:
+def trainer(out: Path, iterations: int = 12) -> Trainer:
     torch.manual_seed(0)
     net = MLP(1, (40, 40), 1)
     learner = Learner(net, mse_loss, InnerLoopConfig(steps=2, learned_lr="per_layer_per_step"))
@@ -38,11 +45,17 @@ def trainer(out: Path, iterations: int = 12) -> MetaTrainer:
         return sinusoid.sample(g, 4, 5, 10, 10)
 
     params: Params = dict(net.named_parameters())
-    return MetaTrainer(learner, params, cfg, sample, out)
+    return Trainer([MetaStage(learner, params, cfg, sample)], out)
 
 
-def weights(t: MetaTrainer) -> Params:
-    params, lrs = t.detached()
+def stage(t: Trainer) -> MetaStage:
+    (only,) = t.stages
+    assert isinstance(only, MetaStage)
+    return only
+
+
+def weights(t: Trainer) -> Params:
+    params, lrs = stage(t).detached()
     return params | {f"lr.{n}": v for n, v in lrs.items()}
 
 
@@ -63,7 +76,7 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     first.save_state()
     second = trainer(tmp_path / "resumed")
     second.run(resume=True)
-    assert second.iteration == 12
+    assert second.done == 12
     for name, value in weights(straight).items():
         torch.testing.assert_close(weights(second)[name], value, atol=0, rtol=0)
 
@@ -109,21 +122,20 @@ def test_ships_the_best_validated_weights(tmp_path: Path) -> None:
         snapshots.append({n: t.clone() for n, t in params.items()})
         return {"val": next(scores)}
 
-    t = trainer(tmp_path)
-    t = MetaTrainer(
-        t.learner,
-        t.params,
-        replace(t.cfg, validate_every=4),
-        t.sample,
-        tmp_path,
+    plain = stage(trainer(tmp_path))
+    selecting = MetaStage(
+        plain.learner,
+        plain.params,
+        replace(plain.cfg, validate_every=4),
+        plain.sample,
         validate=validate,
         selection=Selection("val"),
     )
-    t.run()
-    best, _ = t.final()
+    Trainer([selecting], tmp_path).run()
+    best, _ = selecting.final()
     for name, value in snapshots[1].items():
         assert torch.equal(best[name], value)
-    assert not torch.equal(best["head.weight"], t.detached()[0]["head.weight"])
+    assert not torch.equal(best["head.weight"], selecting.detached()[0]["head.weight"])
     assert Selection("acc", maximize=True).better(0.9, 0.8)
     assert not Selection("mse").better(float("nan"), None)
 

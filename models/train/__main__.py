@@ -1,0 +1,3 @@
+from models.train import main
+
+main()
