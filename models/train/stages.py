@@ -69,9 +69,45 @@ def body_parameters(net: nn.Module) -> list[nn.Parameter]:
     return [p for n, p in net.named_parameters() if n.startswith("body.")]
 
 
-class SupervisedStage:
-    name = "supervised"
+class _BodyStage:
+    """What the two body stages share: the body's optimiser with one extra parameter of
+    their own (a classifier, a temperature), checkpointed with its moments, a held-out
+    validation, and the body kept as an artifact beside the run when done."""
+
+    name: str
+    artifact: str  # the folder under the run's output that keeps the stage's body
+    extra: str  # the attribute holding the stage's own parameter (its checkpoint name too)
     validation_keys: tuple[str, ...] = ("val_acc",)
+    optimizer: torch.optim.Optimizer
+    steps: int
+    validator: Validate
+    snapshot: Snapshot
+
+    def validate(self) -> dict[str, float]:
+        return {"val_acc": self.validator()}
+
+    def notes(self) -> str | None:
+        return None
+
+    def finish(self, out: Path) -> None:
+        if self.steps > 0 and not (out / self.artifact / CONFIG_FILE).exists():
+            self.snapshot().save(out / self.artifact)
+
+    def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        moments, groups = checkpoint.optimizer_state(self.optimizer, "opt")
+        own: nn.Parameter = getattr(self, self.extra)
+        return {self.extra: own.detach(), **moments}, {"param_groups": groups}
+
+    def load(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        with torch.no_grad():
+            getattr(self, self.extra).copy_(tensors[self.extra])
+        checkpoint.load_optimizer(self.optimizer, tensors, meta["param_groups"], "opt")
+
+
+class SupervisedStage(_BodyStage):
+    name = "supervised"
+    artifact = "stage1"  # the pre-trained body alone
+    extra = "classifier"
 
     def __init__(
         self,
@@ -121,30 +157,11 @@ class SupervisedStage:
         acc = float((logits.argmax(-1) == y).float().mean())
         return {"loss": float(loss.detach()), "train_acc": acc}
 
-    def validate(self) -> dict[str, float]:
-        return {"val_acc": self.validator()}
 
-    def notes(self) -> str | None:
-        return None
-
-    def finish(self, out: Path) -> None:
-        """Keep the pre-trained body alone as an artifact beside the run (``stage1``)."""
-        if self.steps > 0 and not (out / "stage1" / CONFIG_FILE).exists():
-            self.snapshot().save(out / "stage1")
-
-    def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        moments, groups = checkpoint.optimizer_state(self.optimizer, "opt")
-        return {"classifier": self.classifier.detach(), **moments}, {"param_groups": groups}
-
-    def load(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-        with torch.no_grad():
-            self.classifier.copy_(tensors["classifier"])
-        checkpoint.load_optimizer(self.optimizer, tensors, meta["param_groups"], "opt")
-
-
-class PrototypicalStage:
+class PrototypicalStage(_BodyStage):
     name = "prototypical"
-    validation_keys: tuple[str, ...] = ("val_acc",)
+    artifact = "stage1b"  # the prototype-tuned body
+    extra = "log_scale"
 
     def __init__(
         self,
@@ -189,25 +206,8 @@ class PrototypicalStage:
         acc = float((logits.argmax(-1) == yq).float().mean())
         return {"loss": float(loss.detach()), "train_acc": acc}
 
-    def validate(self) -> dict[str, float]:
-        return {"val_acc": self.validator()}
-
     def notes(self) -> str | None:
         return f"proto scale {self.log_scale.exp().item():.2f}"
-
-    def finish(self, out: Path) -> None:
-        """Keep the prototype-tuned body as an artifact beside the run (``stage1b``)."""
-        if self.steps > 0 and not (out / "stage1b" / CONFIG_FILE).exists():
-            self.snapshot().save(out / "stage1b")
-
-    def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        moments, groups = checkpoint.optimizer_state(self.optimizer, "opt")
-        return {"log_scale": self.log_scale.detach(), **moments}, {"param_groups": groups}
-
-    def load(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-        with torch.no_grad():
-            self.log_scale.copy_(tensors["log_scale"])
-        checkpoint.load_optimizer(self.optimizer, tensors, meta["param_groups"], "opt")
 
 
 @dataclass(frozen=True)
