@@ -5,9 +5,9 @@
 #   make lint         ruff check, ruff format --check, mypy (CI runs it before the tests)
 #   make bench        the five benchmarks of README.md#benchmarks (~9 min; installs wrk)
 #
-# The virtual environment is created once and reinstalled only when pyproject.toml
-# changes. torch is installed first: TORCH names it (the CPU wheel that pip finds on
-# this machine's disk); TORCH_PIP_ARGS adds pip options, e.g.
+# The virtual environment is created once and reinstalled only when pyproject.toml (or
+# the client library's) changes. torch is installed first: TORCH names it (the CPU wheel
+# that pip finds on this machine's disk); TORCH_PIP_ARGS adds pip options, e.g.
 #   make test TORCH_PIP_ARGS='--index-url https://download.pytorch.org/whl/cpu'
 
 PYTHON ?= python3
@@ -27,9 +27,13 @@ install: $(STAMP)
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(BIN)/python
+# The client library (clients/python, its own distribution, without torch) is installed
+# editable beside the service: the tests use it against real servers.
+CLIENT := clients/python
+
+$(STAMP): pyproject.toml $(CLIENT)/pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) '$(TORCH)'
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev]' -e $(CLIENT)
 	touch $@
 
 migrate: $(STAMP)
@@ -46,7 +50,7 @@ test: $(STAMP)
 
 # What CI runs before the tests: lint, format and types of the shipped code and the
 # benchmarks (tests are linted and formatted too).
-LINTED := models service migrations benchmarks
+LINTED := models service migrations benchmarks $(CLIENT)/fastadapt_client
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINTED) tests
 	$(BIN)/ruff format --check $(LINTED) tests

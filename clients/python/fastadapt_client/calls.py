@@ -1,0 +1,122 @@
+"""The API, one function per endpoint: each builds a ``Call`` (what to send, how to read
+the answer) without sending anything. ``Client`` and ``AsyncClient`` only send them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+from urllib.parse import quote
+
+import httpx
+from pydantic import BaseModel
+
+from fastadapt_client.inputs import ImageInput, NumericInput, wire_inputs, wire_targets
+from fastadapt_client.models import (
+    AdaptRequest,
+    AdaptResponse,
+    ClientResponse,
+    MetaModelList,
+    MetaModelResponse,
+    PredictionRequest,
+    PredictionResponse,
+    ReadaptRequest,
+    Request,
+    SupportSet,
+)
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    method: str
+    path: str  # below the base URL, e.g. /v1/clients/alice
+    parse: Callable[[httpx.Response], T]  # reads a success response
+    json: dict[str, Any] | None = None
+
+
+def list_meta_models() -> Call[list[MetaModelResponse]]:
+    return Call("GET", "/v1/meta-models", lambda r: _reader(MetaModelList)(r).meta_models)
+
+
+def get_meta_model(name: str) -> Call[MetaModelResponse]:
+    return Call("GET", f"/v1/meta-models/{segment(name)}", _reader(MetaModelResponse))
+
+
+def adapt(
+    client_id: str,
+    *,
+    meta_model: str,
+    targets: Sequence[float | int | str] | Any,
+    inputs: Sequence[NumericInput] | Any | None = None,
+    images: Sequence[ImageInput] | None = None,
+    inner_steps: int | None = None,
+    inner_lr: float | None = None,
+) -> Call[AdaptResponse]:
+    body = AdaptRequest(
+        meta_model=meta_model,
+        support=SupportSet(
+            inputs=wire_inputs(inputs, images, field="support"),
+            targets=wire_targets(targets),
+        ),
+        inner_steps=inner_steps,
+        inner_lr=inner_lr,
+    )
+    return Call("POST", f"{_client(client_id)}/adaptations", _reader(AdaptResponse), _json(body))
+
+
+def predict(
+    client_id: str,
+    *,
+    inputs: Sequence[NumericInput] | Any | None = None,
+    images: Sequence[ImageInput] | None = None,
+    version: int | None = None,
+) -> Call[PredictionResponse]:
+    body = PredictionRequest(inputs=wire_inputs(inputs, images, field="predict"), version=version)
+    return Call(
+        "POST", f"{_client(client_id)}/predictions", _reader(PredictionResponse), _json(body)
+    )
+
+
+def history(client_id: str) -> Call[ClientResponse]:
+    return Call("GET", _client(client_id), _reader(ClientResponse))
+
+
+def readapt(
+    client_id: str,
+    *,
+    version: int | None = None,
+    inner_steps: int | None = None,
+    inner_lr: float | None = None,
+) -> Call[AdaptResponse]:
+    body = ReadaptRequest(version=version, inner_steps=inner_steps, inner_lr=inner_lr)
+    return Call("POST", f"{_client(client_id)}/readaptations", _reader(AdaptResponse), _json(body))
+
+
+def delete(client_id: str) -> Call[None]:
+    return Call("DELETE", _client(client_id), lambda _: None)
+
+
+def segment(value: str) -> str:
+    """One path segment, percent-encoded; ``.`` and ``..`` would change the path itself."""
+    if value in ("", ".", ".."):
+        raise ValueError(f"{value!r} is not a valid name or client id")
+    return quote(value, safe="")
+
+
+def _client(client_id: str) -> str:
+    return f"/v1/clients/{segment(client_id)}"
+
+
+def _json(body: Request) -> dict[str, Any]:
+    return body.model_dump(mode="json", exclude_none=True)
+
+
+def _reader(model: type[M]) -> Callable[[httpx.Response], M]:
+    def read(response: httpx.Response) -> M:
+        return model.model_validate_json(response.content)
+
+    return read

@@ -1,0 +1,139 @@
+"""Wire models: what the client sends and what it reads back, mirroring the server's
+``service/api/schemas.py`` (a test checks that the fields agree).
+
+Responses ignore fields they do not know, so a newer server does not break an older
+client; requests forbid them, as the server does.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+# A JSON number the server accepts: NaN and infinity are refused here, before sending.
+Number = Annotated[float, Field(allow_inf_nan=False)]
+Label = StrictInt | StrictStr  # a client's class label: 3 stays 3, "3" stays "3"
+# A target: a number (regression) or a label (classification). Integers are labels.
+Target = StrictInt | Number | StrictStr
+# One input on the wire: a row of numbers, a (C, H, W) array, or a base64 PNG/JPEG.
+WireInput = list[Number] | list[list[list[Number]]] | str
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Response(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+# -- requests --------------------------------------------------------------------------------
+class SupportSet(Request):
+    inputs: list[WireInput]
+    targets: list[Target]
+
+
+class AdaptRequest(Request):
+    meta_model: str
+    support: SupportSet
+    inner_steps: int | None = None
+    inner_lr: Number | None = None
+
+
+class ReadaptRequest(Request):
+    version: int | None = None
+    inner_steps: int | None = None
+    inner_lr: Number | None = None
+
+
+class PredictionRequest(Request):
+    inputs: list[WireInput]
+    version: int | None = None
+
+
+# -- responses -------------------------------------------------------------------------------
+class AdaptResponse(Response):
+    """A new version of a client, made by ``adapt`` or ``readapt``."""
+
+    client_id: str
+    version: int
+    meta_model: str
+    meta_model_version: str
+    support_size: int
+    inner_steps: int
+    inner_lr: float | None = Field(description="None when the meta-model's rates are learned.")
+    support_loss_before: float
+    support_loss_after: float
+    adapt_ms: float
+    labels: list[Label] | None = Field(
+        None, description="Classification: the client's labels, in output order."
+    )
+
+
+class ClassPrediction(Response):
+    label: Label
+    probabilities: dict[str, float] = Field(description="Every label of the client: p.")
+
+
+class PredictionResponse(Response):
+    client_id: str
+    version: int
+    predictions: list[float] | list[list[float]] | list[ClassPrediction] = Field(
+        description="One float per input (single-output regression), a list of floats per "
+        "input (several outputs), or a label with probabilities per input (classification)."
+    )
+
+
+class VersionResponse(Response):
+    version: int
+    meta_model: str
+    meta_model_version: str
+    support_size: int
+    inner_steps: int
+    inner_lr: float | None
+    support_loss_before: float
+    support_loss_after: float
+    adapt_ms: float
+    labels: list[Label] | None = None
+    created_at: datetime
+
+
+class ClientResponse(Response):
+    """A client's history: its current version and every version, oldest first."""
+
+    client_id: str
+    current_version: int
+    created_at: datetime
+    versions: list[VersionResponse]
+
+
+class MetaModelResponse(Response):
+    name: str
+    version: str = Field(description="sha256 of the weights file.")
+    family: str
+    task_kind: str
+    input_shape: list[int]
+    output: str
+    inner_steps: int = Field(description="Default inner steps.")
+    inner_lr: float | None = Field(description="Default inner rate; None when learned.")
+    first_order: bool
+    adapt: str = Field(description='"all" parameters (MAML) or the "head" (ANIL).')
+    learned_lr: str = Field(description='"none", "per_param" (Meta-SGD), "per_layer_per_step".')
+    max_way: int | None = Field(description="Classification: the most labels one client may use.")
+    accepts_images: bool = Field(description="Inputs may be images (PNG/JPEG).")
+
+
+class MetaModelList(Response):
+    meta_models: list[MetaModelResponse]
+
+
+class ErrorDetail(Response):
+    type: str
+    message: str
+    request_id: str | None = None
+
+
+class ErrorResponse(Response):
+    error: ErrorDetail
