@@ -26,9 +26,11 @@ RUN useradd --create-home --uid 10001 fastadapt \
 USER fastadapt
 
 # The artifacts are read from the copied source tree (they are data, not package files).
+# API keys everywhere (`docker compose run --rm api keys create --tenant acme`).
 ENV FASTADAPT_DATA_DIR=/data \
     FASTADAPT_MODELS_DIR=/app/models/artifacts \
-    FASTADAPT_PORT=8000
+    FASTADAPT_PORT=8000 \
+    FASTADAPT_AUTH=required
 VOLUME ["/data"]
 EXPOSE 8000
 

@@ -10,12 +10,14 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from anyio import to_thread
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from models import tasks
 from models.checkpoint import MetaModel, discover
-from service.api import errors, routes, stats
+from service.api import errors, keys, routes, stats
+from service.api.deps import get_principal
 from service.api.middleware import BodyLimit
+from service.auth import Guard
 from service.engine import Engine, configure_threads
 from service.settings import Settings
 from service.store.group_commit import GroupCommit
@@ -83,8 +85,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = Settings() if settings is None else settings
+    app.state.guard = Guard(app.state.settings)  # keys needed?, trusted keys, rate limits
     app.add_middleware(BodyLimit, max_bytes=app.state.settings.max_body_bytes)
     errors.install(app)
-    app.include_router(routes.router)
-    app.include_router(stats.router)
+    app.include_router(routes.health)  # open: probes
+    authenticated = [Depends(get_principal)]  # every /v1 route: 401 / 429 before the route
+    for router in (routes.router, stats.router, keys.router):
+        app.include_router(router, dependencies=authenticated, responses=routes.AUTH_ERRORS)
     return app

@@ -1,4 +1,4 @@
-"""The ``fastadapt`` command: serve, migrate, train, eval."""
+"""The ``fastadapt`` command: serve, migrate, keys, train, eval."""
 
 from __future__ import annotations
 
@@ -10,8 +10,12 @@ from collections.abc import Sequence
 from sqlalchemy import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from service.auth import SCOPES
+from service.errors import FastAdaptError
 from service.settings import Settings
 from service.store import migrate as migrations
+from service.store.session import connect, session_factory
+from service.store.tables import ApiKey
 
 log = logging.getLogger("fastadapt")
 
@@ -26,6 +30,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if parsed.command == "serve":
         return serve(host=parsed.host, port=parsed.port)
+    if parsed.command == "keys":
+        return keys(parsed)
     return migrate()
 
 
@@ -38,6 +44,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="interface to bind (default: FASTADAPT_HOST, 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to bind (default: FASTADAPT_PORT, 8000)")
     commands.add_parser("migrate", help="apply pending database migrations")
+    keys = commands.add_parser("keys", help="create, list and revoke API keys")
+    actions = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = actions.add_parser("create", help="create a key; it is printed once, last")
+    create.add_argument("--tenant", required=True, help="the key's tenant: [a-z0-9_-], 1-64")
+    create.add_argument("--scope", choices=SCOPES, default="client", help="default: client")
+    listing = actions.add_parser("list", help="list keys (never the keys themselves)")
+    listing.add_argument("--tenant", help="only this tenant's keys (default: every tenant's)")
+    revoke = actions.add_parser("revoke", help="revoke a key: refused within 5 s everywhere")
+    revoke.add_argument("id", help="the key's id (key_...), as `fastadapt keys list` shows")
     commands.add_parser("train", help="meta-train a meta-model (fastadapt train --help)")
     commands.add_parser("eval", help="meta-test a meta-model (fastadapt eval --help)")
     return parser
@@ -68,6 +83,60 @@ def migrate() -> int:
         return 2
     log.info("%s is at revision %s", _shown(settings), migrations.head())
     return 0
+
+
+def keys(parsed: argparse.Namespace) -> int:
+    """``fastadapt keys create|list|revoke`` on the configured database."""
+    settings = Settings()
+    problem = _prepare_schema(settings)
+    if problem:
+        print(f"fastadapt: {problem}", file=sys.stderr)
+        return 2
+    from service.usecases import keys as usecase  # (imports the engine, hence torch)
+
+    database = connect(settings.database_url)
+    try:
+        with session_factory(database)() as session:
+            if parsed.action == "create":
+                created = usecase.create(
+                    session=session, tenant_id=parsed.tenant, scope=parsed.scope
+                )
+                key = created.key
+                print(f"created key {key.id} of tenant {key.tenant_id}, scope {key.scope}")
+                print("store it now: it is shown only this once")
+                print(created.token)
+            elif parsed.action == "list":
+                _print_keys(usecase.list_all(session=session, tenant_id=parsed.tenant))
+            else:
+                key = usecase.revoke(session=session, key_id=parsed.id)
+                print(f"revoked key {key.id} of tenant {key.tenant_id}")
+    except FastAdaptError as exc:
+        print(f"fastadapt: {exc.message}", file=sys.stderr)
+        return 1
+    except SQLAlchemyError as exc:
+        print(f"fastadapt: cannot use {_shown(settings)}: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        database.dispose()
+    return 0
+
+
+def _print_keys(rows: Sequence[ApiKey]) -> None:
+    header = ("id", "tenant", "scope", "created", "revoked")
+    table = [header] + [
+        (
+            key.id,
+            key.tenant_id,
+            key.scope,
+            key.created_at.isoformat(timespec="seconds"),
+            key.revoked_at.isoformat(timespec="seconds") if key.revoked_at else "-",
+        )
+        for key in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        print("  ".join(cells).rstrip())
 
 
 def _prepare_schema(settings: Settings) -> str | None:

@@ -19,6 +19,19 @@ class FastAdaptError(Exception):
         self.message = message
 
 
+class Unauthorized(FastAdaptError):
+    """No API key, or one that is unknown or revoked (the answer carries
+    ``WWW-Authenticate: Bearer``)."""
+
+    type = "unauthorized"
+
+
+class Forbidden(FastAdaptError):
+    """A valid key whose scope does not allow the request."""
+
+    type = "forbidden"
+
+
 class NotFound(FastAdaptError):
     type = "not_found"
 
@@ -53,11 +66,25 @@ class Unavailable(FastAdaptError):
         self.retry_after = retry_after
 
 
+class RateLimited(FastAdaptError):
+    """The tenant is over its request rate; ``retry_after`` (whole seconds, >= 1) says when
+    a request will be accepted again."""
+
+    type = "rate_limited"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 STATUS: dict[type[FastAdaptError], int] = {
+    Unauthorized: 401,
+    Forbidden: 403,
     NotFound: 404,
     Conflict: 409,
     TooLarge: 413,
     InvalidInput: 422,
+    RateLimited: 429,
     Unavailable: 503,
     FastAdaptError: 500,
 }

@@ -5,8 +5,9 @@ There is no module-level instance; ``create_app`` and the CLI build one and pass
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
-from typing import Self
+from typing import Literal, Self
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -80,6 +81,25 @@ class Settings(BaseSettings):
     )
     threads: int = Field(default=1, ge=1, description="Torch intra-op threads of the engine.")
 
+    # -- keys and tenants --------------------------------------------------------------------
+    auth: Literal["auto", "required"] = Field(
+        default="auto",
+        description='"auto": API keys on any bind address but loopback; "required": everywhere.',
+    )
+    auth_cache_s: float = Field(
+        default=2.0,
+        ge=0,
+        le=4.0,
+        description="How long a process trusts a key it has looked up (a revoked key is "
+        "refused within this plus a request's time: at most 4, so within 5 s).",
+    )
+    rate_limit_rps: float = Field(
+        default=0.0, ge=0, description="Requests per second per tenant and process (0: no limit)."
+    )
+    rate_limit_burst: int = Field(
+        default=20, ge=1, description="Requests a tenant may make at once before the limit."
+    )
+
     @model_validator(mode="after")
     def _resolve(self) -> Self:
         if self.min_inner_steps > self.max_inner_steps:
@@ -92,3 +112,20 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+    @property
+    def auth_required(self) -> bool:
+        """Whether requests need an API key: always with ``auth="required"``, and with
+        ``"auto"`` unless the server binds a loopback address (never off on a public one)."""
+        return self.auth == "required" or not is_loopback(self.host)
+
+
+def is_loopback(host: str) -> bool:
+    """``127.0.0.0/8``, ``::1`` or ``localhost``; anything else (``0.0.0.0``, ``::``, a
+    name, a LAN address) may be reachable from elsewhere."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

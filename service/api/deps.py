@@ -1,19 +1,28 @@
 """Dependencies as ``Annotated`` aliases: a route's signature reads as its contract.
 
 ``RuntimeDep`` carries the service's long-lived parts (engine, commits, meta-models,
-settings), which the lifespan builds once. They are ``async def`` although none awaits:
-FastAPI runs a plain ``def`` dependency in its thread pool, a thread hop each, which at
-high concurrency cost the event loop more than parsing the request.
+settings), which the lifespan builds once. ``PrincipalDep`` authenticates a request (the
+app includes every /v1 router with it, so no /v1 route is open by omission); ``TenantDep``
+is the caller's tenant and ``AdminDep`` refuses keys without the admin scope. They are
+``async def`` although few await: FastAPI runs a plain ``def`` dependency in its thread
+pool, a thread hop each, which at high concurrency cost the event loop more than parsing
+the request (a key lookup that misses the cache is the one hop, into a worker thread).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Annotated, cast
 
-from fastapi import Depends, Path, Request
+from anyio import to_thread
+from fastapi import Depends, Path, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
+from service import usecases
+from service.auth import Guard, Principal, token_hash
+from service.errors import Forbidden, Unauthorized
 from service.usecases import DEFAULT_TENANT, Runtime
 
 CLIENT_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
@@ -32,14 +41,64 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
         yield session
 
 
-async def get_tenant() -> str:
-    """Everyone is the default tenant until API keys arrive."""
-    return DEFAULT_TENANT
+bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="ApiKey",
+    description="An API key (`fastadapt keys create`), as `Authorization: Bearer fa_...`. "
+    "Optional only on a server bound to loopback with FASTADAPT_AUTH=auto.",
+)
+OPEN = Principal(tenant_id=DEFAULT_TENANT, scope="admin", key_id=None)  # no keys: loopback
+
+
+async def get_principal(
+    request: Request,
+    session: Annotated[Session, Depends(get_session)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
+) -> Principal:
+    """The caller: its key's tenant and scope (401 without a valid key, or with an invalid
+    one even where keys are optional), within its tenant's rate limit (429). A key found
+    in the database is trusted for ``auth_cache_s``; only a miss reads the database, in a
+    worker thread. Sets ``request.state.tenant_id`` and ``request.state.key_id`` (None
+    without a key) for the access log."""
+    guard = cast(Guard, request.app.state.guard)
+    if credentials is None:  # without keys (loopback only), everyone is the default tenant
+        if guard.required_for(request.scope.get("server")):
+            raise Unauthorized("missing API key: send Authorization: Bearer <key>")
+        principal = OPEN
+    else:  # a key, when sent, is checked even where keys are optional
+        token = credentials.credentials
+        digest = token_hash(token)
+        cached = guard.keys.get(digest)
+        if cached is None:
+            lookup = partial(usecases.keys.authenticate, session=session, token=token)
+            cached = await to_thread.run_sync(lookup)
+            guard.keys.put(digest, cached)
+        principal = cached
+    request.state.tenant_id = principal.tenant_id
+    request.state.key_id = principal.key_id
+    guard.limits.take(principal.tenant_id)
+    return principal
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+async def get_tenant(principal: PrincipalDep) -> str:
+    """The caller's tenant: client ids are scoped to it."""
+    return principal.tenant_id
+
+
+async def require_admin(principal: PrincipalDep) -> Principal:
+    """The caller, if its key has the admin scope (else 403)."""
+    if not principal.is_admin:
+        raise Forbidden("this needs an API key with the admin scope")
+    return principal
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 SessionDep = Annotated[Session, Depends(get_session)]
 TenantDep = Annotated[str, Depends(get_tenant)]
+AdminDep = Annotated[Principal, Depends(require_admin)]
 ClientId = Annotated[
     str, Path(pattern=CLIENT_ID_PATTERN, description="1-128 characters of [A-Za-z0-9._-].")
 ]

@@ -12,7 +12,15 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from service.api.schemas import UNION_TAGS
-from service.errors import FastAdaptError, InvalidInput, Unavailable, error_body, status_of
+from service.errors import (
+    FastAdaptError,
+    InvalidInput,
+    RateLimited,
+    Unauthorized,
+    Unavailable,
+    error_body,
+    status_of,
+)
 
 log = logging.getLogger(__name__)
 HTTP_TYPES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}
@@ -33,10 +41,14 @@ def _respond(
 
 
 async def _domain(_: Request, exc: FastAdaptError) -> JSONResponse:
-    headers = None
+    headers: dict[str, str] = {}
     if isinstance(exc, Unavailable) and exc.retry_after is not None:
-        headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
-    return _respond(status_of(exc), exc.type, exc.message, headers)
+        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    elif isinstance(exc, RateLimited):
+        headers["Retry-After"] = str(exc.retry_after)
+    elif isinstance(exc, Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer"
+    return _respond(status_of(exc), exc.type, exc.message, headers or None)
 
 
 async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

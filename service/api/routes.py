@@ -1,4 +1,5 @@
-"""The v1 routes. Each one parses, calls one use case and returns a wire schema."""
+"""The v1 routes (``router``, authenticated: the app includes it with ``PrincipalDep``)
+and the open probes (``health``). Each parses, calls one use case, returns a wire schema."""
 
 from __future__ import annotations
 
@@ -25,16 +26,21 @@ from service.api.schemas import (
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (404, 409, 413, 422, 503)
 }
+# what every authenticated router answers (the app includes them with these)
+AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (401, 429)
+}
 router = APIRouter(responses=ERRORS)
+health = APIRouter(responses={503: {"model": ErrorResponse}})
 
 
-@router.get("/healthz", tags=["health"])
+@health.get("/healthz", tags=["health"])
 def healthz() -> Status:
     """The process is alive."""
     return Status(status="ok")
 
 
-@router.get("/readyz", tags=["health"])
+@health.get("/readyz", tags=["health"])
 def readyz(session: SessionDep, runtime: RuntimeDep) -> Status:
     """The database answers and at least one meta-model is loaded (else 503)."""
     usecases.clients.readiness(session=session, meta_models=runtime.meta_models)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictInt, StrictStr, Tag
 
@@ -185,3 +185,26 @@ class ErrorDetail(Response):
 
 class ErrorResponse(Response):
     error: ErrorDetail
+
+
+# -- API keys --------------------------------------------------------------------------------
+class KeyRequest(Request):
+    scope: Literal["client", "admin"] = Field(
+        "client", description="client: adapt, predict, read, delete; admin: also the keys."
+    )
+
+
+class KeyResponse(Response):
+    id: str = Field(description="The key's public id (for listing and revoking).")
+    tenant_id: str
+    scope: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class CreatedKeyResponse(KeyResponse):
+    key: str = Field(description="The key itself: shown this once, only its hash is stored.")
+
+
+class KeyList(Response):
+    keys: list[KeyResponse]

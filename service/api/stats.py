@@ -1,16 +1,18 @@
 """``GET /v1/engine/stats``: the engine's counters since start-up, for dashboards and
-benchmarks (wire schema and route together: a read-only view with no use case behind it)."""
+benchmarks (wire schema and route together: a read-only view with no use case behind it).
+The counters span every tenant, so they need the admin scope."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from service.api.deps import RuntimeDep
+from service.api.deps import AdminDep, RuntimeDep
+from service.api.schemas import ErrorResponse
 from service.engine import Engine
 from service.store.group_commit import GroupCommit
 
-router = APIRouter(tags=["engine"])
+router = APIRouter(tags=["engine"], responses={403: {"model": ErrorResponse}})
 
 
 class BatchStats(BaseModel):
@@ -86,6 +88,6 @@ def _batches(batches: int, jobs: int) -> BatchStats:
 
 
 @router.get("/v1/engine/stats")
-async def engine_stats(runtime: RuntimeDep) -> EngineStatsResponse:
+async def engine_stats(runtime: RuntimeDep, _: AdminDep) -> EngineStatsResponse:
     """Counters since start-up: batches, queue, refusals, deadlines, the params cache."""
     return EngineStatsResponse.of(runtime.engine, runtime.commits)

@@ -1,9 +1,10 @@
 """ORM tables (SQLAlchemy 2.0 typed mappings). The schema itself is created by Alembic.
 
-A client is keyed by ``(tenant_id, client_id)``; until tenants exist everyone is in
-``DEFAULT_TENANT``. Each adaptation adds an immutable ``ClientVersion`` (1, 2, 3, ...);
-``Client.current_version`` is the newest. Support sets are stored as JSON text, exactly
-the numbers the client sent; adapted parameters as safetensors bytes.
+A client is keyed by ``(tenant_id, client_id)``: the tenant is the API key's (everyone
+is ``DEFAULT_TENANT`` when a loopback server runs without keys). Each adaptation adds an
+immutable ``ClientVersion`` (1, 2, 3, ...); ``Client.current_version`` is the newest.
+Support sets are stored as JSON text, exactly the numbers the client sent; adapted
+parameters as safetensors bytes. ``ApiKey`` holds a tenant's keys as SHA-256 hashes.
 """
 
 from __future__ import annotations
@@ -109,3 +110,16 @@ class ClientVersion(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     client: Mapped[Client] = relationship(back_populates="versions")
+
+
+class ApiKey(Base):
+    """An API key of a tenant: only its SHA-256 is stored; revoked keys stay listed."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # key_<16 hex>, public
+    tenant_id: Mapped[str] = mapped_column(String(64), index=True)
+    scope: Mapped[str] = mapped_column(String(16))  # client | admin
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex of the key
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)

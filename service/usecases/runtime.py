@@ -14,7 +14,7 @@ from service.requests import MetaModels
 from service.settings import Settings
 from service.store import repository
 from service.store.group_commit import GroupCommit
-from service.store.tables import DEFAULT_TENANT as DEFAULT_TENANT  # the API's tenant, for now
+from service.store.tables import DEFAULT_TENANT as DEFAULT_TENANT  # everyone's, without keys
 
 T = TypeVar("T")
 WAIT_GRACE_S = 5.0  # waited past a job's deadline, by when the engine has expired it (503)
