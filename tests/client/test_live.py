@@ -22,6 +22,7 @@ from fastadapt_client import (
     InvalidInput,
     NotFound,
     TransportError,
+    Unauthorized,
 )
 from PIL import Image
 
@@ -54,9 +55,16 @@ def png(kind: str, size: int = 105) -> bytes:
 
 
 @pytest.fixture
-def api(base_url: str, api_key: str | None) -> Iterator[Client]:
+def api(base_url: str, api_key: str) -> Iterator[Client]:
     with Client(base_url, api_key=api_key) as client:
         yield client
+
+
+def test_the_server_refuses_a_missing_or_unknown_key(base_url: str) -> None:
+    for key in (None, "fa_" + "x" * 43):
+        with Client(base_url, api_key=key) as stranger, pytest.raises(Unauthorized) as refused:
+            stranger.list_meta_models()
+        assert (refused.value.status, refused.value.type) == (401, "unauthorized")
 
 
 def test_meta_models(api: Client) -> None:
@@ -69,7 +77,9 @@ def test_meta_models(api: Client) -> None:
     assert not names["sinusoid"].accepts_images and names["sinusoid"].max_way is None
 
 
-def test_numbers_adapt_predict_history_readapt_delete(api: Client, base_url: str) -> None:
+def test_numbers_adapt_predict_history_readapt_delete(
+    api: Client, base_url: str, api_key: str
+) -> None:
     alice = new_id("alice")
     first = api.adapt(alice, meta_model="sinusoid", inputs=SUPPORT_X, targets=SUPPORT_Y)
     assert (first.client_id, first.version, first.support_size) == (alice, 1, 4)
@@ -92,7 +102,8 @@ def test_numbers_adapt_predict_history_readapt_delete(api: Client, base_url: str
     assert (current.version, old.version) == (2, 1)
     assert len(current.predictions) == len(QUERIES)
     assert current.predictions != old.predictions
-    with httpx.Client(base_url=base_url) as raw:  # the same numbers as the JSON says
+    headers = {"Authorization": f"Bearer {api_key}"}
+    with httpx.Client(base_url=base_url, headers=headers) as raw:  # the same numbers as the JSON
         body = {"inputs": QUERIES, "version": 1}
         assert raw.post(f"/v1/clients/{alice}/predictions", json=body).json() == old.model_dump()
 
@@ -170,7 +181,7 @@ def test_errors_become_typed_exceptions(api: Client) -> None:
         api.adapt(ghost, meta_model="omniglot", inputs=[[0.0]], targets=["a"])
 
 
-def test_the_async_client_takes_the_same_path(base_url: str, api_key: str | None) -> None:
+def test_the_async_client_takes_the_same_path(base_url: str, api_key: str) -> None:
     async def scenario() -> None:
         async with AsyncClient(base_url, api_key=api_key) as api:
             assert "sinusoid" in {m.name for m in await api.list_meta_models()}
