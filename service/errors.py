@@ -43,6 +43,12 @@ class Conflict(FastAdaptError):
     type = "conflict"
 
 
+class Timeout(FastAdaptError):
+    """The request did not arrive in time (its body, within ``body_timeout_s``)."""
+
+    type = "timeout"
+
+
 class Unavailable(FastAdaptError):
     """The service cannot answer now; ``retry_after`` (seconds) says when to try again."""
 
@@ -55,6 +61,7 @@ class Unavailable(FastAdaptError):
 
 STATUS: dict[type[FastAdaptError], int] = {
     NotFound: 404,
+    Timeout: 408,
     Conflict: 409,
     TooLarge: 413,
     InvalidInput: 422,
