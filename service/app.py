@@ -14,7 +14,7 @@ from fastapi import FastAPI
 
 from models import tasks
 from models.checkpoint import MetaModel, discover
-from service.api import errors, routes, stats
+from service.api import docs, errors, routes, stats
 from service.api.middleware import BodyLimit
 from service.engine import Engine, configure_threads
 from service.settings import Settings
@@ -81,10 +81,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Fast per-client task adaptation with MAML.",
         version="1",
         lifespan=lifespan,
+        docs_url=None,  # docs.install serves /docs and /redoc with local assets
+        redoc_url=None,
     )
     app.state.settings = Settings() if settings is None else settings
-    app.add_middleware(BodyLimit, max_bytes=app.state.settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=app.state.settings.max_body_bytes,
+        timeout_s=app.state.settings.body_timeout_s,
+    )
     errors.install(app)
+    docs.install(app)
     app.include_router(routes.router)
     app.include_router(stats.router)
     return app

@@ -16,7 +16,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.usecases import DEFAULT_TENANT, Runtime
 
-CLIENT_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
+# 1-128 characters of [A-Za-z0-9._-], but not "." or "..": URLs resolve those as path
+# segments ("/v1/clients/../x" is "/v1/x"), so such a client would be unreachable. Spelled
+# without a lookahead, which pydantic's regex engine lacks: one character that is not a
+# dot, two that are not both dots, or three or more.
+CLIENT_ID_PATTERN = (
+    r"^(?:[A-Za-z0-9_-]|[A-Za-z0-9_-][A-Za-z0-9._-]|\.[A-Za-z0-9_-]|[A-Za-z0-9._-]{3,128})$"
+)
+CLIENT_ID_RULE = '1-128 characters of [A-Za-z0-9._-], other than "." and "..".'
 
 
 async def get_runtime(request: Request) -> Runtime:
@@ -40,6 +47,4 @@ async def get_tenant() -> str:
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 SessionDep = Annotated[Session, Depends(get_session)]
 TenantDep = Annotated[str, Depends(get_tenant)]
-ClientId = Annotated[
-    str, Path(pattern=CLIENT_ID_PATTERN, description="1-128 characters of [A-Za-z0-9._-].")
-]
+ClientId = Annotated[str, Path(pattern=CLIENT_ID_PATTERN, description=CLIENT_ID_RULE)]
