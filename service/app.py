@@ -14,7 +14,7 @@ from fastapi import Depends, FastAPI
 
 from models import tasks
 from models.checkpoint import MetaModel, discover
-from service.api import errors, keys, routes, stats
+from service.api import docs, errors, keys, routes, stats
 from service.api.deps import get_principal
 from service.api.middleware import BodyLimit
 from service.auth import Guard
@@ -83,11 +83,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Fast per-client task adaptation with MAML.",
         version="1",
         lifespan=lifespan,
+        docs_url=None,  # docs.install serves /docs and /redoc with local assets
+        redoc_url=None,
     )
     app.state.settings = Settings() if settings is None else settings
     app.state.guard = Guard(app.state.settings)  # keys needed?, trusted keys, rate limits
-    app.add_middleware(BodyLimit, max_bytes=app.state.settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=app.state.settings.max_body_bytes,
+        timeout_s=app.state.settings.body_timeout_s,
+    )
     errors.install(app)
+    docs.install(app)
     app.include_router(routes.health)  # open: probes
     authenticated = [Depends(get_principal)]  # every /v1 route: 401 / 429 before the route
     for router in (routes.router, stats.router, keys.router):

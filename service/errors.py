@@ -56,6 +56,12 @@ class Conflict(FastAdaptError):
     type = "conflict"
 
 
+class Timeout(FastAdaptError):
+    """The request did not arrive in time (its body, within ``body_timeout_s``)."""
+
+    type = "timeout"
+
+
 class Unavailable(FastAdaptError):
     """The service cannot answer now; ``retry_after`` (seconds) says when to try again."""
 
@@ -81,6 +87,7 @@ STATUS: dict[type[FastAdaptError], int] = {
     Unauthorized: 401,
     Forbidden: 403,
     NotFound: 404,
+    Timeout: 408,
     Conflict: 409,
     TooLarge: 413,
     InvalidInput: 422,

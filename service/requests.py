@@ -168,23 +168,38 @@ def _inner(
     return steps, lr
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _number(value: float | int, field: str) -> float:
+    """A regression target as the float32 the engine computes with: an integer of any size
+    arrives from JSON as it was written (a 400-digit one does not fit a float)."""
+    if not -FLOAT32_MAX <= value <= FLOAT32_MAX:  # exact for ints: no float conversion
+        raise InvalidInput(field, "a number beyond float32's range (about ±3.4e38)")
+    return float(value)
+
+
 def _targets(
     model: MetaModel, values: Sequence[RawTarget], *, field: str = "support.targets"
 ) -> tuple[list[float] | list[int], list[Label] | None]:
     """Regression: the numbers. Classification: output indices, in order of each label's
     first appearance, and the labels."""
     if model.config.kind == "regression":
+        numbers: list[float] = []
         for i, v in enumerate(values):
             if isinstance(v, str):
                 raise InvalidInput(
                     f"{field}[{i}]",
                     f"meta-model {model.name!r} is a regressor: targets are numbers",
                 )
-        return [float(v) for v in values], None
+            numbers.append(_number(v, f"{field}[{i}]"))
+        return numbers, None
     index: dict[Label, int] = {}
     for i, v in enumerate(values):
         if isinstance(v, float):
-            raise InvalidInput(f"{field}[{i}]", f"a class label is a string or an integer, not {v}")
+            raise InvalidInput(
+                f"{field}[{i}]", "a class label is a string or an integer, not a float"
+            )
         index.setdefault(v, len(index))
     labels = list(index)
     if len({str(label) for label in labels}) != len(labels):

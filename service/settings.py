@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=4 * MiB, ge=1024, description="Largest request body, in bytes."
     )
+    body_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Longest a request body may take to arrive (408 and the connection closed).",
+    )
     max_image_pixels: int = Field(
         default=4_000_000, ge=1, description="Most pixels in one uploaded image (413 above)."
     )

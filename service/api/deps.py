@@ -25,7 +25,14 @@ from service.auth import Guard, Principal, token_hash
 from service.errors import Forbidden, Unauthorized
 from service.usecases import DEFAULT_TENANT, Runtime
 
-CLIENT_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
+# 1-128 characters of [A-Za-z0-9._-], but not "." or "..": URLs resolve those as path
+# segments ("/v1/clients/../x" is "/v1/x"), so such a client would be unreachable. Spelled
+# without a lookahead, which pydantic's regex engine lacks: one character that is not a
+# dot, two that are not both dots, or three or more.
+CLIENT_ID_PATTERN = (
+    r"^(?:[A-Za-z0-9_-]|[A-Za-z0-9_-][A-Za-z0-9._-]|\.[A-Za-z0-9_-]|[A-Za-z0-9._-]{3,128})$"
+)
+CLIENT_ID_RULE = '1-128 characters of [A-Za-z0-9._-], other than "." and "..".'
 
 
 async def get_runtime(request: Request) -> Runtime:
@@ -99,6 +106,4 @@ RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 SessionDep = Annotated[Session, Depends(get_session)]
 TenantDep = Annotated[str, Depends(get_tenant)]
 AdminDep = Annotated[Principal, Depends(require_admin)]
-ClientId = Annotated[
-    str, Path(pattern=CLIENT_ID_PATTERN, description="1-128 characters of [A-Za-z0-9._-].")
-]
+ClientId = Annotated[str, Path(pattern=CLIENT_ID_PATTERN, description=CLIENT_ID_RULE)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,7 +24,7 @@ from service.errors import (
 )
 
 log = logging.getLogger(__name__)
-HTTP_TYPES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}
+HTTP_TYPES = {404: "not_found", 405: "method_not_allowed"}
 SHOWN_PROBLEMS = 5
 
 
@@ -65,13 +66,29 @@ async def _validation(request: Request, exc: RequestValidationError) -> JSONResp
 
 
 async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+    if exc.status_code == 400:  # FastAPI could not read the body as JSON: 422, as for bad JSON
+        return _respond(422, InvalidInput.type, _unreadable(exc.__cause__))
     type_ = HTTP_TYPES.get(exc.status_code, "http_error")
     return _respond(exc.status_code, type_, str(exc.detail), exc.headers)
 
 
 async def _internal(_: Request, exc: Exception) -> JSONResponse:
+    """500, with ``Connection: close``: Starlette re-raises the error after this response
+    and the server then closes the connection; the header tells a pooled client so, and
+    it opens a new connection for its next request instead of meeting a reset."""
     log.exception("unhandled error", exc_info=exc)
-    return _respond(500, FastAdaptError.type, "internal server error")
+    return _respond(500, FastAdaptError.type, "internal server error", {"Connection": "close"})
+
+
+def _unreadable(cause: BaseException | None) -> str:
+    """Why a body is not JSON, without quoting it."""
+    if isinstance(cause, UnicodeDecodeError):
+        return "body: not UTF-8 text; send JSON encoded as UTF-8"
+    if isinstance(cause, RecursionError):
+        return "body: JSON nested too deeply"
+    if isinstance(cause, ValueError) and "digits" in str(cause):  # int's max_str_digits
+        return f"body: a number with more than {sys.get_int_max_str_digits()} digits"
+    return "body: not valid JSON"
 
 
 def _describe(error: Any) -> str:

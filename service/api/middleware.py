@@ -1,36 +1,45 @@
-"""Request body limit, enforced before anything parses the body."""
+"""Request body limits (size and time), enforced before anything parses the body."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import TooLarge, error_body, status_of
+from service.errors import Timeout, TooLarge, error_body, status_of
 
 
 class BodyLimit:
-    """413 for a body over ``max_bytes``: by its Content-Length, or by what actually arrives.
+    """413 for a body over ``max_bytes``: by its Content-Length, or by what actually arrives;
+    408 (and the connection closed) for a body that has not arrived within ``timeout_s``.
 
     The body is read whole here (the JSON parser needs all of it anyway) and replayed.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = 30.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+        if declared is not None and not _within(declared, self.max_bytes):
             await self._refuse(send)
             return
         chunks: list[bytes] = []
         size = 0
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
         while True:
-            message = await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                await self._time_out(send)
+                return
             if message["type"] != "http.request":  # the client went away
                 return
             chunk: bytes = message.get("body", b"")
@@ -58,3 +67,21 @@ class BodyLimit:
         headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
         await send({"type": "http.response.start", "status": status_of(error), "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+    async def _time_out(self, send: Send) -> None:
+        """408, and ``Connection: close``: the rest of the body may still be on its way, so
+        the connection cannot carry another request (the server closes it)."""
+        error = Timeout(f"the request body did not arrive within {self.timeout_s:g} s")
+        body = json.dumps(error_body(error.type, error.message)).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", b"%d" % len(body)),
+            (b"connection", b"close"),
+        ]
+        await send({"type": "http.response.start", "status": status_of(error), "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _within(declared: bytes, max_bytes: int) -> bool:
+    """A Content-Length of at most ``max_bytes`` (digits only; too long for ``int``: no)."""
+    return declared.isdigit() and len(declared) <= 18 and int(declared) <= max_bytes

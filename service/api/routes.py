@@ -10,6 +10,7 @@ from fastapi import APIRouter, Body, Query, Response
 from service import usecases
 from service.api.deps import ClientId, RuntimeDep, SessionDep, TenantDep
 from service.api.schemas import (
+    MAX_VERSION,
     AdaptRequest,
     AdaptResponse,
     ClientResponse,
@@ -24,7 +25,7 @@ from service.api.schemas import (
 )
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (404, 409, 413, 422, 503)
+    code: {"model": ErrorResponse} for code in (404, 408, 409, 413, 422, 503)
 }
 # what every authenticated router answers (the app includes them with these)
 AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -112,14 +113,19 @@ def predict_query(
     session: SessionDep,
     runtime: RuntimeDep,
     tenant_id: TenantDep,
+    version: Annotated[
+        int | None, Query(ge=1, le=MAX_VERSION, description="Default: the current version.")
+    ] = None,
 ) -> PredictionResponse:
-    """Predictions of the current version for 1-D inputs: ``?x=0.5&x=1.25``."""
+    """Predictions of the current version, or of ``version``, for 1-D inputs:
+    ``?x=0.5&x=1.25&version=2``."""
     prediction = usecases.predict.predict(
         session=session,
         runtime=runtime,
         tenant_id=tenant_id,
         client_id=client_id,
         inputs=[[value] for value in x],
+        version=version,
         field="x",
     )
     return PredictionResponse.model_validate(prediction)

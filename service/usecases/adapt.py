@@ -15,9 +15,10 @@ from service.errors import Conflict, InvalidInput
 from service.requests import Adaptation, RawInput, RawTarget
 from service.store import repository
 from service.store.tables import ClientVersion, utcnow
-from service.usecases.runtime import Runtime, missing
+from service.usecases.runtime import Runtime, missing, storing
 
 
+@storing
 def adapt(
     *,
     session: Session,
@@ -56,6 +57,7 @@ def adapt(
     return row
 
 
+@storing
 def readapt(
     *,
     session: Session,

@@ -10,8 +10,10 @@ from service.errors import NotFound, Unavailable
 from service.requests import MetaModels
 from service.store import repository
 from service.store.tables import Client
+from service.usecases.runtime import storing
 
 
+@storing
 def get(*, session: Session, tenant_id: str, client_id: str) -> Client:
     client = repository.get_client(session=session, tenant_id=tenant_id, client_id=client_id)
     if client is None:
@@ -19,6 +21,7 @@ def get(*, session: Session, tenant_id: str, client_id: str) -> Client:
     return client
 
 
+@storing
 def delete(*, session: Session, engine: Engine, tenant_id: str, client_id: str) -> None:
     """Delete the client with every version and support set, and drop its cached models."""
     if not repository.delete_client(session=session, tenant_id=tenant_id, client_id=client_id):

@@ -13,7 +13,7 @@ from service.engine import NotCached, PredictJob
 from service.errors import Conflict, InvalidInput, NotFound
 from service.requests import Label, RawInput
 from service.store import repository
-from service.usecases.runtime import Runtime, missing
+from service.usecases.runtime import Runtime, missing, storing
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class Prediction:
     predictions: list[float] | list[list[float]] | list[LabelPrediction]
 
 
+@storing
 def predict(
     *,
     session: Session,

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import logging
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import ParamSpec, TypeVar
 
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
 from service.engine import Engine
@@ -17,7 +22,10 @@ from service.store.group_commit import GroupCommit
 from service.store.tables import DEFAULT_TENANT as DEFAULT_TENANT  # everyone's, without keys
 
 T = TypeVar("T")
+P = ParamSpec("P")
 WAIT_GRACE_S = 5.0  # waited past a job's deadline, by when the engine has expired it (503)
+DATABASE_RETRY_AFTER_S = 5.0  # Retry-After while the database is unreachable
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -48,3 +56,34 @@ def missing(*, session: Session, tenant_id: str, client_id: str, version: int | 
     ):
         return NotFound(f"client {client_id!r} has no version {version}")
     return NotFound(f"unknown client {client_id!r}")
+
+
+def database_down(exc: SQLAlchemyError) -> bool:
+    """The database cannot be reached or used now (refused, dropped or invalidated
+    connections, a full pool, a server shutting down), as opposed to a bug in a query."""
+    if isinstance(exc, OperationalError | InterfaceError | PoolTimeout):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+def storing(use_case: Callable[P, T]) -> Callable[P, T]:
+    """A use case that reads or writes the database: while the database is down it raises
+    ``Unavailable`` (503 with Retry-After) instead of SQLAlchemy's error. The message and
+    the log name only the error's type: SQLAlchemy's text quotes statements and their
+    parameters (support sets). The engine reconnects by itself (``pool_pre_ping``)."""
+
+    @functools.wraps(use_case)
+    def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return use_case(*args, **kwargs)
+        except SQLAlchemyError as exc:
+            if not database_down(exc):
+                raise
+            cause = type(getattr(exc, "orig", None) or exc).__name__
+            log.warning("%s: the database is unavailable (%s)", use_case.__name__, cause)
+            raise Unavailable(
+                f"the database is unavailable ({cause}); retry later",
+                retry_after=DATABASE_RETRY_AFTER_S,
+            ) from None
+
+    return guarded

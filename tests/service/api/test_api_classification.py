@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import struct
 import zlib
 from pathlib import Path
@@ -218,3 +219,20 @@ def test_regression_meta_models_take_neither_images_nor_labels(api: TestClient) 
         api, "fay", {"meta_model": "sinusoid", "support": {"inputs": [[1.0]], "targets": ["up"]}}
     )
     assert label.status_code == 422 and "support.targets[0]" in label.text
+
+
+def test_integer_labels_of_any_size(api: TestClient) -> None:
+    """A 400-digit integer is a label like any other (compared, never made a float)."""
+    big = int("1" + "0" * 400)
+    support = {"inputs": [[-2.0, -2.0], [-2.2, -1.8], [2.0, 2.0], [1.8, 2.1]]}
+    text = json.dumps({"meta_model": "blobs", "support": support})
+    text = text[:-2] + f', "targets": [{big}, {big}, -{big}, -{big}]}}}}'
+    response = api.post(
+        "/v1/clients/erin/adaptations", content=text, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["labels"] == [big, -big]
+    answer = api.post("/v1/clients/erin/predictions", json={"inputs": [[2.0, 2.1]]})
+    assert answer.status_code == 200 and answer.json()["predictions"][0]["label"] == -big
+    history = api.get("/v1/clients/erin").json()
+    assert history["versions"][0]["labels"] == [big, -big]
