@@ -14,8 +14,9 @@ from fastapi import FastAPI
 
 from models import tasks
 from models.checkpoint import MetaModel, discover
-from service.api import errors, routes, stats
+from service.api import errors, metrics, routes, stats
 from service.api.middleware import BodyLimit
+from service.api.observe import Observe
 from service.engine import Engine, configure_threads
 from service.settings import Settings
 from service.store.group_commit import GroupCommit
@@ -46,12 +47,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     configure_threads(settings.threads)  # torch's, for the whole process (the worker too)
     meta_models = load_meta_models(settings.models_dir)
     database = connect(settings.database_url)
-    engine = Engine(meta_models, settings)
+    app_metrics: metrics.Metrics | None = app.state.metrics
+    observer = None if app_metrics is None else app_metrics.observer
+    engine = Engine(meta_models, settings, observer=observer)
     engine.start()
     app.state.sessions = session_factory(database)
     app.state.runtime = Runtime(
         engine=engine, commits=GroupCommit(), meta_models=meta_models, settings=settings
     )
+    if app_metrics is not None:
+        app_metrics.attach(app.state.runtime)
     # Sync routes wait for the engine in anyio's worker threads (40 by default): give
     # every job the engine may hold a thread, so that under overload the engine's bounded
     # queue refuses (503 + Retry-After) instead of requests queueing for a thread.
@@ -82,9 +87,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1",
         lifespan=lifespan,
     )
-    app.state.settings = Settings() if settings is None else settings
-    app.add_middleware(BodyLimit, max_bytes=app.state.settings.max_body_bytes)
+    settings = app.state.settings = Settings() if settings is None else settings
+    app.state.metrics = metrics.Metrics(settings) if settings.metrics else None
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    # outermost (added last): ids, counts and log lines for every answer, 413s included
+    app.add_middleware(Observe, api=app, metrics=app.state.metrics, access=settings.access_log)
     errors.install(app)
     app.include_router(routes.router)
     app.include_router(stats.router)
+    if settings.metrics:
+        app.include_router(metrics.router)
     return app

@@ -1,4 +1,5 @@
-"""Exception handlers: every error leaves as ``{"error": {"type": ..., "message": ...}}``."""
+"""Exception handlers: every error leaves as ``{"error": {"type", "message", "request_id"}}``,
+the request id being the response's ``X-Request-ID`` (``service.api.observe``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from service.api.observe import request_id_of
 from service.api.schemas import UNION_TAGS
 from service.errors import FastAdaptError, InvalidInput, Unavailable, error_body, status_of
 
@@ -27,16 +29,21 @@ def install(app: FastAPI) -> None:
 
 
 def _respond(
-    status: int, type_: str, message: str, headers: Mapping[str, str] | None = None
+    request: Request,
+    status: int,
+    type_: str,
+    message: str,
+    headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
-    return JSONResponse(error_body(type_, message), status_code=status, headers=headers)
+    body = error_body(type_, message, request_id_of(request.scope))
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
-async def _domain(_: Request, exc: FastAdaptError) -> JSONResponse:
+async def _domain(request: Request, exc: FastAdaptError) -> JSONResponse:
     headers = None
     if isinstance(exc, Unavailable) and exc.retry_after is not None:
         headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
-    return _respond(status_of(exc), exc.type, exc.message, headers)
+    return _respond(request, status_of(exc), exc.type, exc.message, headers)
 
 
 async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -49,17 +56,21 @@ async def _validation(request: Request, exc: RequestValidationError) -> JSONResp
     message = "; ".join(problems[:SHOWN_PROBLEMS])
     if len(problems) > SHOWN_PROBLEMS:
         message += f"; and {len(problems) - SHOWN_PROBLEMS} more"
-    return _respond(422, InvalidInput.type, message)
+    return _respond(request, 422, InvalidInput.type, message)
 
 
-async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+async def _http(request: Request, exc: HTTPException) -> JSONResponse:
     type_ = HTTP_TYPES.get(exc.status_code, "http_error")
-    return _respond(exc.status_code, type_, str(exc.detail), exc.headers)
+    return _respond(request, exc.status_code, type_, str(exc.detail), exc.headers)
 
 
-async def _internal(_: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error", exc_info=exc)
-    return _respond(500, FastAdaptError.type, "internal server error")
+async def _internal(request: Request, exc: Exception) -> JSONResponse:
+    """Starlette's outermost middleware sends this one, past ``Observe``: the request id
+    header is set here."""
+    request_id = request_id_of(request.scope)
+    log.exception("unhandled error (request %s)", request_id, exc_info=exc)
+    headers = {"X-Request-ID": request_id} if request_id else None
+    return _respond(request, 500, FastAdaptError.type, "internal server error", headers)
 
 
 def _describe(error: Any) -> str:
