@@ -97,11 +97,12 @@ def server(
 
 def create_key(env: dict[str, str], tenant: str) -> str:
     """A new API key of ``tenant`` in ``env``'s database (migrated first): what
-    ``fastadapt keys create`` prints alone on its last line."""
+    ``fastadapt keys create`` prints alone on its last line. Admin scope, so that it may
+    read ``/v1/engine/stats`` too; a request costs the same check either way."""
     cli = [sys.executable, "-m", "service.cli"]
     subprocess.run([*cli, "migrate"], env=env, check=True, capture_output=True)
     out = subprocess.run(
-        [*cli, "keys", "create", "--tenant", tenant],
+        [*cli, "keys", "create", "--tenant", tenant, "--scope", "admin"],
         env=env,
         check=True,
         capture_output=True,

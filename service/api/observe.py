@@ -31,6 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.api.metrics import Metrics
 
 access_log = logging.getLogger("fastadapt.access")
+log = logging.getLogger(__name__)
 
 HEADER = b"x-request-id"
 SANE_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
@@ -102,7 +103,11 @@ class Observe:
         # answered before routing (a 413), or no route matches (a 404): the documented
         # path that matches, if any
         if self._templates is None:
-            paths = self.api.openapi().get("paths", {})
+            try:
+                paths = self.api.openapi().get("paths", {})
+            except Exception:  # a label is not worth failing a response for
+                log.exception("no route templates from the OpenAPI document")
+                paths = {}
             self._templates = [(compile_path(p)[0], p) for p in paths]
         for regex, template in self._templates:
             if regex.match(scope["path"]):
