@@ -1,6 +1,7 @@
 """HTTP end to end: a real ``fastadapt serve`` under wrk, batching on against off.
 
     python -m benchmarks.bench_http [--concurrency 1 16 64] [--seconds 5] [--repeats 3]
+    python -m benchmarks.bench_http --overhead [--concurrency 64] ...
 
 Starts two servers in this run, one with the engine's defaults and one with
 ``FASTADAPT_MAX_BATCH_SIZE=1``, each on a fresh SQLite database (or ``--database-url``),
@@ -10,6 +11,13 @@ server keeps most of the machine) drives adaptations (10 points of a random sinu
 The two servers take turns run by run, so a change in the machine's background load
 hits both alike. Prints requests/s, p50/p99 latency and the mean batch the engine ran,
 medians over repeats. Needs wrk (``apt-get install wrk``).
+
+``--overhead`` measures the performance budget instead (auth, rate limiting, metrics and
+access logs together cost at most 10% of prediction throughput at 64 connections): one
+server with them all on (``FASTADAPT_AUTH=required`` and a key of tenant ``bench`` on
+every request, a rate limit too high to refuse anything, /metrics, the access log to
+its log file) against one with them all off, predictions only, same turns; it prints
+the on/off throughput ratio against the 0.90 budget.
 """
 
 from __future__ import annotations
@@ -25,9 +33,28 @@ from benchmarks.serving import Run, Server, load, machine, require_wrk, server, 
 
 MODES = {"batched": {}, "unbatched": {"FASTADAPT_MAX_BATCH_SIZE": "1"}}
 SCRIPTS = {"adapt": "adapt.lua", "predict": "predict.lua"}
+# --overhead: everything a public port needs, on against off (the budget: >= 0.90)
+HUGE = str(10**9)  # requests per second (and burst) that no run reaches
+OVERHEAD = {
+    "on": {
+        "FASTADAPT_AUTH": "required",
+        "FASTADAPT_RATE_LIMIT_RPS": HUGE,
+        "FASTADAPT_RATE_LIMIT_BURST": HUGE,
+        "FASTADAPT_METRICS": "true",
+        "FASTADAPT_ACCESS_LOG": "true",
+    },
+    # auto: no keys on loopback; no rate limit unless set
+    "off": {
+        "FASTADAPT_AUTH": "auto",
+        "FASTADAPT_METRICS": "false",
+        "FASTADAPT_ACCESS_LOG": "false",
+    },
+}
+TENANTS = {"on": "bench"}  # the modes whose server gets a key, and of which tenant
+BUDGET = 0.90
 
 
-def seed_clients(url: str, clients: int) -> None:
+def seed_clients(url: str, clients: int, headers: dict[str, str] | None = None) -> None:
     body = {
         "meta_model": "sinusoid",
         "support": {
@@ -35,7 +62,8 @@ def seed_clients(url: str, clients: int) -> None:
             "targets": [0.1 * x for x in range(-5, 5)],
         },
     }
-    with httpx.Client(base_url=url, timeout=60) as http, ThreadPoolExecutor(16) as pool:
+    http = httpx.Client(base_url=url, timeout=60, headers=headers)
+    with http, ThreadPoolExecutor(16) as pool:
         codes = list(
             pool.map(
                 lambda n: http.post(f"/v1/clients/bench-{n}/adaptations", json=body).status_code,
@@ -52,9 +80,10 @@ def measure(
 ) -> tuple[Run, float]:
     """One wrk run (after a second unmeasured, so the server's threads and connections
     are up), and the mean batch the engine ran meanwhile."""
-    wrk(srv.url, SCRIPTS[workload], connections, 1, CLIENTS=str(clients))
+    script = SCRIPTS[workload]
+    wrk(srv.url, script, connections, 1, srv.key, CLIENTS=str(clients))
     before = srv.stats()[workload]
-    run = wrk(srv.url, SCRIPTS[workload], connections, seconds, CLIENTS=str(clients))
+    run = wrk(srv.url, script, connections, seconds, srv.key, CLIENTS=str(clients))
     after = srv.stats()[workload]
     batches = after["batches"] - before["batches"]
     return run, (after["jobs"] - before["jobs"]) / max(1, batches)
@@ -71,12 +100,20 @@ def median(runs: list[Run]) -> Run:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--concurrency", type=int, nargs="+", help="default: 1 16 64 (--overhead: 64)")
     p.add_argument("--seconds", type=float, default=5.0, help="per wrk run")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--clients", type=int, default=1000)
     p.add_argument("--database-url", default=None, help="default: SQLite in a temp dir each")
+    p.add_argument(
+        "--overhead",
+        action="store_true",
+        help="auth, rate limit, metrics and access log on against off (predictions)",
+    )
     args = p.parse_args()
+    concurrency = args.concurrency or ([64] if args.overhead else [1, 16, 64])
+    modes = OVERHEAD if args.overhead else MODES
+    workloads = ["predict"] if args.overhead else list(SCRIPTS)
     require_wrk()
     print(f"fastadapt bench_http: {machine()}")
 
@@ -84,13 +121,14 @@ def main() -> None:
     batch: dict[tuple[str, str, int], list[float]] = {}
     with ExitStack() as stack:
         servers = {
-            mode: stack.enter_context(server(env, args.database_url)) for mode, env in MODES.items()
+            mode: stack.enter_context(server(env, args.database_url, tenant=TENANTS.get(mode)))
+            for mode, env in modes.items()
         }
         for srv in servers.values():
-            seed_clients(srv.url, args.clients)
+            seed_clients(srv.url, args.clients, srv.headers)
         settings = {mode: threads(srv.stats()) for mode, srv in servers.items()}
-        for workload in SCRIPTS:
-            for c in args.concurrency:
+        for workload in workloads:
+            for c in concurrency:
                 for _ in range(args.repeats):
                     for mode, srv in servers.items():  # turns, so drift hits both alike
                         run, mean_batch = measure(srv, workload, c, args.seconds, args.clients)
@@ -99,6 +137,9 @@ def main() -> None:
 
     for mode, line in settings.items():
         print(f"{mode}: {line}")
+    if args.overhead:
+        report_overhead(runs, concurrency, args)
+        return
     print(
         f"wrk -t1, {args.seconds:g} s runs, median of {args.repeats} (servers take turns); "
         f"{args.clients} clients, params cached; database: {args.database_url or 'SQLite'}; "
@@ -110,8 +151,8 @@ def main() -> None:
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     errors = 0
-    for workload in SCRIPTS:
-        for c in args.concurrency:
+    for workload in workloads:
+        for c in concurrency:
             b, u = median(runs[("batched", workload, c)]), median(runs[("unbatched", workload, c)])
             mean_batch = statistics.median(batch[("batched", workload, c)])
             errors += b.errors + u.errors
@@ -122,6 +163,34 @@ def main() -> None:
             )
     if errors:
         print(f"\nnon-2xx responses or socket errors: {errors}")
+
+
+def report_overhead(
+    runs: dict[tuple[str, str, int], list[Run]], concurrency: list[int], args: argparse.Namespace
+) -> None:
+    """The budget's table: predictions with everything on against everything off."""
+    on = ", ".join(f"{k}={v}" for k, v in OVERHEAD["on"].items())
+    print(
+        f"wrk -t1, {args.seconds:g} s runs, median of {args.repeats} (servers take turns); "
+        f"predictions for {args.clients} clients, params cached; database: "
+        f"{args.database_url or 'SQLite'}; on: {on}, a key on every request; "
+        f"load average after: {load()}\n"
+    )
+    print("| conns | off req/s | p50 ms | p99 ms | on req/s | p50 ms | p99 ms | on/off | budget |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    errors = 0
+    for c in concurrency:
+        off, on_ = median(runs[("off", "predict", c)]), median(runs[("on", "predict", c)])
+        errors += off.errors + on_.errors
+        ratio = on_.rps / off.rps
+        verdict = "met" if ratio >= BUDGET else "MISSED"
+        print(
+            f"| {c} | {off.rps:,.0f} | {off.p50_ms:.1f} | {off.p99_ms:.1f} "
+            f"| {on_.rps:,.0f} | {on_.p50_ms:.1f} | {on_.p99_ms:.1f} | {ratio:.2f} "
+            f"| {verdict} (>= {BUDGET:.2f}) |"
+        )
+    if errors:
+        print(f"\nnon-2xx responses or socket errors: {errors} (a 401 or 429 voids the run)")
 
 
 if __name__ == "__main__":

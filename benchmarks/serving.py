@@ -40,9 +40,17 @@ class Run:
 class Server:
     url: str
     data_dir: Path  # its SQLite database lives here unless a URL was given
+    key: str | None = None  # an API key of the server's tenant, when it was given one
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """What every request to it carries (the key, if any)."""
+        return {"Authorization": f"Bearer {self.key}"} if self.key else {}
 
     def stats(self) -> dict[str, Any]:
-        result: dict[str, Any] = httpx.get(self.url + "/v1/engine/stats", timeout=30).json()
+        response = httpx.get(self.url + "/v1/engine/stats", headers=self.headers, timeout=30)
+        response.raise_for_status()
+        result: dict[str, Any] = response.json()
         return result
 
 
@@ -58,13 +66,17 @@ def free_port() -> int:
 
 
 @contextmanager
-def server(env: dict[str, str], database_url: str | None = None) -> Iterator[Server]:
+def server(
+    env: dict[str, str], database_url: str | None = None, *, tenant: str | None = None
+) -> Iterator[Server]:
     """``fastadapt serve`` on a free port, with ``env`` over this environment, a fresh
-    data directory (SQLite, migrated by ``serve``) unless ``database_url`` is given."""
+    data directory (SQLite, migrated by ``serve``) unless ``database_url`` is given; with
+    ``tenant``, a key of that tenant created first (``Server.key``)."""
     with tempfile.TemporaryDirectory(prefix="fastadapt-bench-") as data:
         full = {**os.environ, **env, "FASTADAPT_DATA_DIR": data}
         if database_url:
             full["FASTADAPT_DATABASE_URL"] = database_url
+        key = None if tenant is None else create_key(full, tenant)
         port = free_port()
         log = Path(data) / "server.log"
         with log.open("wb") as out:
@@ -77,10 +89,26 @@ def server(env: dict[str, str], database_url: str | None = None) -> Iterator[Ser
         url = f"http://127.0.0.1:{port}"
         try:
             _wait_ready(url, proc, log)
-            yield Server(url, Path(data))
+            yield Server(url, Path(data), key)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
+
+
+def create_key(env: dict[str, str], tenant: str) -> str:
+    """A new API key of ``tenant`` in ``env``'s database (migrated first): what
+    ``fastadapt keys create`` prints alone on its last line. Admin scope, so that it may
+    read ``/v1/engine/stats`` too; a request costs the same check either way."""
+    cli = [sys.executable, "-m", "service.cli"]
+    subprocess.run([*cli, "migrate"], env=env, check=True, capture_output=True)
+    out = subprocess.run(
+        [*cli, "keys", "create", "--tenant", tenant, "--scope", "admin"],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return out.strip().splitlines()[-1].strip()
 
 
 def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -97,10 +125,14 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
         time.sleep(0.2)
 
 
-def wrk(url: str, script: str, connections: int, seconds: float, **env: str) -> Run:
+def wrk(
+    url: str, script: str, connections: int, seconds: float, key: str | None = None, **env: str
+) -> Run:
     """One wrk run of ``benchmarks/wrk/<script>``; ``env`` reaches the script (with a
-    fresh ``SEED`` for its random clients unless given)."""
+    fresh ``SEED`` for its random clients unless given); with ``key``, every request
+    carries ``Authorization: Bearer <key>``."""
     env.setdefault("SEED", str(random.randrange(2**31)))
+    env["KEY"] = key or ""
     out = subprocess.run(
         [
             "wrk",

@@ -14,9 +14,10 @@ from fastapi import Depends, FastAPI
 
 from models import tasks
 from models.checkpoint import MetaModel, discover
-from service.api import docs, errors, keys, routes, stats
+from service.api import docs, errors, keys, metrics, routes, stats
 from service.api.deps import get_principal
 from service.api.middleware import BodyLimit
+from service.api.observe import Observe
 from service.auth import Guard
 from service.engine import Engine, configure_threads
 from service.settings import Settings
@@ -48,12 +49,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     configure_threads(settings.threads)  # torch's, for the whole process (the worker too)
     meta_models = load_meta_models(settings.models_dir)
     database = connect(settings.database_url)
-    engine = Engine(meta_models, settings)
+    app_metrics: metrics.Metrics | None = app.state.metrics
+    observer = None if app_metrics is None else app_metrics.observer
+    engine = Engine(meta_models, settings, observer=observer)
     engine.start()
     app.state.sessions = session_factory(database)
     app.state.runtime = Runtime(
         engine=engine, commits=GroupCommit(), meta_models=meta_models, settings=settings
     )
+    if app_metrics is not None:
+        app_metrics.attach(app.state.runtime)
     # Sync routes wait for the engine in anyio's worker threads (40 by default): give
     # every job the engine may hold a thread, so that under overload the engine's bounded
     # queue refuses (503 + Retry-After) instead of requests queueing for a thread.
@@ -86,17 +91,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,  # docs.install serves /docs and /redoc with local assets
         redoc_url=None,
     )
-    app.state.settings = Settings() if settings is None else settings
-    app.state.guard = Guard(app.state.settings)  # keys needed?, trusted keys, rate limits
+    settings = app.state.settings = Settings() if settings is None else settings
+    app.state.guard = Guard(settings)  # keys needed?, trusted keys, rate limits
+    app.state.metrics = metrics.Metrics(settings) if settings.metrics else None
     app.add_middleware(
-        BodyLimit,
-        max_bytes=app.state.settings.max_body_bytes,
-        timeout_s=app.state.settings.body_timeout_s,
+        BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
     )
+    # outermost (added last): ids, counts and log lines for every answer, 413s included
+    app.add_middleware(Observe, api=app, metrics=app.state.metrics, access=settings.access_log)
     errors.install(app)
     docs.install(app)
     app.include_router(routes.health)  # open: probes
     authenticated = [Depends(get_principal)]  # every /v1 route: 401 / 429 before the route
     for router in (routes.router, stats.router, keys.router):
         app.include_router(router, dependencies=authenticated, responses=routes.AUTH_ERRORS)
+    if settings.metrics:
+        app.include_router(metrics.router)  # admin scope where keys are needed
     return app

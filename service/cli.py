@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from sqlalchemy import make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -70,8 +72,35 @@ def serve(*, host: str | None = None, port: int | None = None) -> int:
 
     from service.app import create_app
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        access_log=False,  # uvicorn's own: its lines carry the query string
+        log_config=_log_config(access=settings.access_log),
+    )
     return 0
+
+
+def _log_config(*, access: bool) -> dict[str, Any]:
+    """uvicorn's logging, plus the ``fastadapt.access`` JSON lines alone on stdout (uvicorn
+    applies it when it starts serving)."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    if access:
+        config["formatters"]["fastadapt.access"] = {"format": "%(message)s"}
+        config["handlers"]["fastadapt.access"] = {
+            "class": "logging.StreamHandler",
+            "formatter": "fastadapt.access",
+            "stream": "ext://sys.stdout",
+        }
+        config["loggers"]["fastadapt.access"] = {
+            "handlers": ["fastadapt.access"],
+            "level": "INFO",
+            "propagate": False,  # not again, prefixed, through the root logger
+        }
+    return config
 
 
 def migrate() -> int:

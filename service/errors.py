@@ -1,6 +1,7 @@
 """Domain errors, and the single table that maps them to HTTP status codes.
 
-Every error reaches clients as ``{"error": {"type": ..., "message": ...}}``. This module
+Every error reaches clients as ``{"error": {"type": ..., "message": ..., "request_id": ...}}``
+(the request id is also the response's ``X-Request-ID``). This module
 is a leaf: it imports nothing from the service, and nothing from FastAPI.
 """
 
@@ -105,5 +106,6 @@ def status_of(error: FastAdaptError) -> int:
     return 500
 
 
-def error_body(type_: str, message: str) -> dict[str, Any]:
-    return {"error": {"type": type_, "message": message}}
+def error_body(type_: str, message: str, request_id: str | None) -> dict[str, Any]:
+    """The one error body; ``request_id`` is the response's ``X-Request-ID``."""
+    return {"error": {"type": type_, "message": message, "request_id": request_id}}

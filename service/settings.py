@@ -105,6 +105,20 @@ class Settings(BaseSettings):
         default=20, ge=1, description="Requests a tenant may make at once before the limit."
     )
 
+    # -- observability -----------------------------------------------------------------------
+    metrics: bool = Field(
+        default=True, description="Serve GET /metrics (Prometheus) and count every request."
+    )
+    metrics_census_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="How long /metrics reuses its count of stored clients and versions.",
+    )
+    access_log: bool = Field(
+        default=True,
+        description="One JSON line per request on the `fastadapt.access` logger (stdout).",
+    )
+
     @model_validator(mode="after")
     def _resolve(self) -> Self:
         if self.min_inner_steps > self.max_inner_steps:

@@ -1,4 +1,5 @@
-"""Exception handlers: every error leaves as ``{"error": {"type": ..., "message": ...}}``."""
+"""Exception handlers: every error leaves as ``{"error": {"type", "message", "request_id"}}``,
+the request id being the response's ``X-Request-ID`` (``service.api.observe``)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from service.api.observe import request_id_of
 from service.api.schemas import UNION_TAGS
 from service.errors import (
     FastAdaptError,
@@ -36,12 +38,17 @@ def install(app: FastAPI) -> None:
 
 
 def _respond(
-    status: int, type_: str, message: str, headers: Mapping[str, str] | None = None
+    request: Request,
+    status: int,
+    type_: str,
+    message: str,
+    headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
-    return JSONResponse(error_body(type_, message), status_code=status, headers=headers)
+    body = error_body(type_, message, request_id_of(request.scope))
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
-async def _domain(_: Request, exc: FastAdaptError) -> JSONResponse:
+async def _domain(request: Request, exc: FastAdaptError) -> JSONResponse:
     headers: dict[str, str] = {}
     if isinstance(exc, Unavailable) and exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
@@ -49,7 +56,7 @@ async def _domain(_: Request, exc: FastAdaptError) -> JSONResponse:
         headers["Retry-After"] = str(exc.retry_after)
     elif isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"
-    return _respond(status_of(exc), exc.type, exc.message, headers or None)
+    return _respond(request, status_of(exc), exc.type, exc.message, headers or None)
 
 
 async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -62,22 +69,28 @@ async def _validation(request: Request, exc: RequestValidationError) -> JSONResp
     message = "; ".join(problems[:SHOWN_PROBLEMS])
     if len(problems) > SHOWN_PROBLEMS:
         message += f"; and {len(problems) - SHOWN_PROBLEMS} more"
-    return _respond(422, InvalidInput.type, message)
+    return _respond(request, 422, InvalidInput.type, message)
 
 
-async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+async def _http(request: Request, exc: HTTPException) -> JSONResponse:
     if exc.status_code == 400:  # FastAPI could not read the body as JSON: 422, as for bad JSON
-        return _respond(422, InvalidInput.type, _unreadable(exc.__cause__))
+        return _respond(request, 422, InvalidInput.type, _unreadable(exc.__cause__))
     type_ = HTTP_TYPES.get(exc.status_code, "http_error")
-    return _respond(exc.status_code, type_, str(exc.detail), exc.headers)
+    return _respond(request, exc.status_code, type_, str(exc.detail), exc.headers)
 
 
-async def _internal(_: Request, exc: Exception) -> JSONResponse:
+async def _internal(request: Request, exc: Exception) -> JSONResponse:
     """500, with ``Connection: close``: Starlette re-raises the error after this response
     and the server then closes the connection; the header tells a pooled client so, and
-    it opens a new connection for its next request instead of meeting a reset."""
-    log.exception("unhandled error", exc_info=exc)
-    return _respond(500, FastAdaptError.type, "internal server error", {"Connection": "close"})
+    it opens a new connection for its next request instead of meeting a reset. Starlette's
+    outermost middleware sends this one, past ``Observe``: the request id header is set
+    here."""
+    request_id = request_id_of(request.scope)
+    log.exception("unhandled error (request %s)", request_id, exc_info=exc)
+    headers = {"Connection": "close"}
+    if request_id:
+        headers["X-Request-ID"] = request_id
+    return _respond(request, 500, FastAdaptError.type, "internal server error", headers)
 
 
 def _unreadable(cause: BaseException | None) -> str:

@@ -7,7 +7,8 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import Timeout, TooLarge, error_body, status_of
+from service.api.observe import request_id_of
+from service.errors import FastAdaptError, Timeout, TooLarge, error_body, status_of
 
 
 class BodyLimit:
@@ -28,7 +29,7 @@ class BodyLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and not _within(declared, self.max_bytes):
-            await self._refuse(send)
+            await self._refuse(scope, send)
             return
         chunks: list[bytes] = []
         size = 0
@@ -38,14 +39,14 @@ class BodyLimit:
                 async with asyncio.timeout_at(deadline):
                     message = await receive()
             except TimeoutError:
-                await self._time_out(send)
+                await self._time_out(scope, send)
                 return
             if message["type"] != "http.request":  # the client went away
                 return
             chunk: bytes = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                await self._refuse(send)
+                await self._refuse(scope, send)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -61,25 +62,26 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send: Send) -> None:
-        error = TooLarge(f"the request body exceeds {self.max_bytes} bytes")
-        body = json.dumps(error_body(error.type, error.message)).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-        await send({"type": "http.response.start", "status": status_of(error), "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+    async def _refuse(self, scope: Scope, send: Send) -> None:
+        await _answer(scope, send, TooLarge(f"the request body exceeds {self.max_bytes} bytes"))
 
-    async def _time_out(self, send: Send) -> None:
-        """408, and ``Connection: close``: the rest of the body may still be on its way, so
-        the connection cannot carry another request (the server closes it)."""
-        error = Timeout(f"the request body did not arrive within {self.timeout_s:g} s")
-        body = json.dumps(error_body(error.type, error.message)).encode()
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", b"%d" % len(body)),
-            (b"connection", b"close"),
-        ]
-        await send({"type": "http.response.start", "status": status_of(error), "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+    async def _time_out(self, scope: Scope, send: Send) -> None:
+        await _answer(
+            scope, send, Timeout(f"the request body did not arrive within {self.timeout_s:g} s")
+        )
+
+
+async def _answer(scope: Scope, send: Send, error: FastAdaptError) -> None:
+    """The error, with ``Connection: close``: the rest of the body may still be on its way
+    (unread), so the connection cannot carry another request; the server closes it."""
+    body = json.dumps(error_body(error.type, error.message, request_id_of(scope))).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", b"%d" % len(body)),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": status_of(error), "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _within(declared: bytes, max_bytes: int) -> bool:

@@ -181,6 +181,9 @@ class Status(Response):
 class ErrorDetail(Response):
     type: str
     message: str
+    request_id: str | None = Field(
+        description="The response's X-Request-ID: quote it when reporting a problem."
+    )
 
 
 class ErrorResponse(Response):

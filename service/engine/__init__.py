@@ -12,6 +12,7 @@ from service.engine.batcher import DeadlineExceeded
 from service.engine.core import Engine, EngineConfig, EngineStats
 from service.engine.device import configure_threads
 from service.engine.jobs import Adapted, AdaptJob, Inputs, Key, NotCached, PredictJob
+from service.engine.observer import EngineObserver
 
 __all__ = [
     "AdaptJob",
@@ -19,6 +20,7 @@ __all__ = [
     "DeadlineExceeded",
     "Engine",
     "EngineConfig",
+    "EngineObserver",
     "EngineStats",
     "Inputs",
     "Key",

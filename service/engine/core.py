@@ -27,6 +27,7 @@ from models.kernels import KernelPath
 from service.engine.batcher import Batcher, Job
 from service.engine.cache import CacheStats, ParamsCache
 from service.engine.jobs import Adapted, AdaptJob, Key, NotCached, PredictJob
+from service.engine.observer import EngineObserver
 from service.engine.runner import AdaptWork, ModelRunner, PredictWork
 from service.engine.worker import DeviceWorker, WorkerStats
 from service.errors import Unavailable
@@ -63,7 +64,13 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, meta_models: Mapping[str, MetaModel], settings: object) -> None:
+    def __init__(
+        self,
+        meta_models: Mapping[str, MetaModel],
+        settings: object,
+        observer: EngineObserver | None = None,
+    ) -> None:
+        """``observer`` hears how long each batch ran and its jobs waited (metrics)."""
         config = settings if isinstance(settings, EngineConfig) else EngineConfig.of(settings)
         self.config = config
         self.device = resolve_device(config.device)
@@ -77,7 +84,9 @@ class Engine:
             max_batch_delay_s=config.max_batch_delay_ms / 1000.0,
             queue_size=config.queue_size,
         )
-        self.worker = DeviceWorker(self.batcher, self.runners, self.cache, threads=config.threads)
+        self.worker = DeviceWorker(
+            self.batcher, self.runners, self.cache, threads=config.threads, observer=observer
+        )
         self._started = False
 
     # -- life cycle --------------------------------------------------------------------------
@@ -147,7 +156,9 @@ class Engine:
     def stats(self) -> EngineStats:
         live = self.worker.stats
         return EngineStats(
-            worker=replace(live, batch_sizes=dict(live.batch_sizes)),  # a snapshot
+            worker=replace(  # a snapshot
+                live, batch_sizes={k: dict(v) for k, v in list(live.batch_sizes.items())}
+            ),
             cache=self.cache.stats(),
             queued=len(self.batcher),
             rejected=self.batcher.rejected,

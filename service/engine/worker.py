@@ -3,10 +3,12 @@
 ``DeviceWorker`` takes batches from the ``Batcher``, runs them on their meta-model's
 ``ModelRunner`` and completes their futures. Predictions whose params were read after a
 cache miss are moved to the device and cached here, under the ticket their miss took.
+After each batch it tells its ``EngineObserver`` how long the batch ran and its jobs waited.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -15,7 +17,10 @@ from typing import Any
 from service.engine.batcher import Batcher, Job
 from service.engine.cache import ParamsCache
 from service.engine.device import configure_threads
+from service.engine.observer import EngineObserver
 from service.engine.runner import ModelRunner, PredictWork
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -26,7 +31,8 @@ class WorkerStats:
     predict_jobs: int = 0
     failed_jobs: int = 0  # jobs whose run raised (after a retry alone)
     largest_batch: int = 0
-    batch_sizes: dict[int, int] = field(default_factory=dict)  # size -> batches
+    # kind ("adapt", "predict") -> size -> batches of that size
+    batch_sizes: dict[str, dict[int, int]] = field(default_factory=dict)
 
 
 class DeviceWorker:
@@ -39,11 +45,13 @@ class DeviceWorker:
         cache: ParamsCache,
         *,
         threads: int,
+        observer: EngineObserver | None = None,
     ) -> None:
         self.batcher = batcher
         self.runners = runners
         self.cache = cache
         self.threads = threads
+        self.observer = observer or EngineObserver()
         self.stats = WorkerStats()
         self.ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fastadapt-device", daemon=True)
@@ -73,6 +81,7 @@ class DeviceWorker:
             self._run_batch(batch)
 
     def _run_batch(self, batch: list[Job]) -> None:
+        started = time.monotonic()  # the clock of Job.enqueued
         start = time.perf_counter()
         try:
             results = self._execute(batch)
@@ -84,9 +93,21 @@ class DeviceWorker:
             self.stats.failed_jobs += 1
             batch[0].future.set_exception(exc)
             return
-        self._count(batch, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        self._count(batch, seconds)
         for job, result in zip(batch, results, strict=True):
             job.future.set_result(result)
+        self._observe(batch, started, seconds)
+
+    def _observe(self, batch: list[Job], started: float, seconds: float) -> None:
+        name, kind = batch[0].group[:2]
+        waited = [started - job.enqueued for job in batch]
+        try:
+            self.observer.batch_ran(
+                meta_model=str(name), kind=str(kind), seconds=seconds, waited=waited
+            )
+        except Exception:  # a broken observer must not stop the device
+            log.exception("the engine observer failed")
 
     def _execute(self, batch: list[Job]) -> list[Any]:
         name, kind = batch[0].group[:2]
@@ -104,14 +125,15 @@ class DeviceWorker:
         return runner.predict(works)
 
     def _count(self, batch: list[Job], seconds: float) -> None:
-        stats, size = self.stats, len(batch)
-        if batch[0].group[1] == "adapt":
+        stats, size, kind = self.stats, len(batch), str(batch[0].group[1])
+        if kind == "adapt":
             stats.adapt_batches += 1
             stats.adapt_jobs += size
         else:
             stats.predict_batches += 1
             stats.predict_jobs += size
         stats.largest_batch = max(stats.largest_batch, size)
-        stats.batch_sizes[size] = stats.batch_sizes.get(size, 0) + 1
+        sizes = stats.batch_sizes.setdefault(kind, {})
+        sizes[size] = sizes.get(size, 0) + 1
         per_job = seconds / size
         self.batcher.seconds_per_job = 0.9 * self.batcher.seconds_per_job + 0.1 * per_job

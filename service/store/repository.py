@@ -6,7 +6,19 @@ from collections.abc import Sequence
 from functools import cache
 from typing import Any, cast
 
-from sqlalchemy import Insert, Table, Update, bindparam, delete, inspect, select, text, update
+from sqlalchemy import (
+    Insert,
+    Table,
+    Update,
+    bindparam,
+    case,
+    delete,
+    func,
+    inspect,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, selectinload
 
@@ -145,3 +157,23 @@ def delete_client(*, session: Session, tenant_id: str, client_id: str) -> bool:
 
 def ping(*, session: Session) -> None:
     session.execute(text("SELECT 1"))
+
+
+def count_by_meta_model(*, session: Session) -> list[tuple[str, int, int]]:
+    """``(meta_model, clients, versions)`` for every meta-model with stored versions, in
+    one grouped query: versions stored with it, and clients whose current version is."""
+    current = case((ClientVersion.version == Client.current_version, 1), else_=0)
+    stmt = (
+        select(ClientVersion.meta_model, func.sum(current), func.count())
+        .join(
+            Client,
+            (Client.tenant_id == ClientVersion.tenant_id)
+            & (Client.client_id == ClientVersion.client_id),
+        )
+        .group_by(ClientVersion.meta_model)
+        .order_by(ClientVersion.meta_model)
+    )
+    return [
+        (name, int(clients or 0), int(versions))
+        for name, clients, versions in session.execute(stmt)
+    ]

@@ -7,7 +7,16 @@ client's previous version current and intact. Requests arrive validated, as the 
 objects of ``service.requests``.
 """
 
-from service.usecases import adapt, clients, keys, meta_models, predict
+from service.usecases import adapt, census, clients, keys, meta_models, predict
 from service.usecases.runtime import DEFAULT_TENANT, Runtime
 
-__all__ = ["DEFAULT_TENANT", "Runtime", "adapt", "clients", "keys", "meta_models", "predict"]
+__all__ = [
+    "DEFAULT_TENANT",
+    "Runtime",
+    "adapt",
+    "census",
+    "clients",
+    "keys",
+    "meta_models",
+    "predict",
+]

@@ -26,7 +26,8 @@ def support(inputs: Any = XS, targets: Any = YS) -> dict[str, Any]:
 def assert_error(response: Any, status: int, type_: str, *mentions: str) -> str:
     assert response.status_code == status, response.text
     error = response.json()["error"]
-    assert set(response.json()) == {"error"} and set(error) == {"type", "message"}
+    assert set(response.json()) == {"error"} and set(error) == {"type", "message", "request_id"}
+    assert error["request_id"] == response.headers["x-request-id"]
     assert error["type"] == type_
     for mention in mentions:
         assert mention in error["message"], error["message"]
@@ -193,4 +194,4 @@ def test_garbage_never_yields_a_500(api: TestClient) -> None:
         for url in urls:
             response = api.post(url, content=text, headers={"content-type": kind})
             assert response.status_code in (400, 404, 413, 422), (url, text[:80], response.text)
-            assert set(response.json()["error"]) == {"type", "message"}
+            assert set(response.json()["error"]) == {"type", "message", "request_id"}
