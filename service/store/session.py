@@ -14,11 +14,17 @@ from sqlalchemy import Connection, Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_S = 30.0  # a writer waits this long for another writer's lock
+# A PostgreSQL host that stops answering (rather than refusing connections) fails a new
+# connection after this, so requests answer 503 in seconds instead of waiting for TCP.
+POSTGRES_CONNECT_TIMEOUT_S = 5
 
 
 def connect(url: str) -> Engine:
     """A SQLAlchemy engine for ``url``; creates the SQLite file's directory if needed."""
     parsed = make_url(url)
+    if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
+        connect_args = {"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S}
+        return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
     if parsed.get_backend_name() != "sqlite":
         return create_engine(url, pool_pre_ping=True)
     if parsed.database and parsed.database != ":memory:":
