@@ -106,5 +106,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (routes.router, stats.router, keys.router):
         app.include_router(router, dependencies=authenticated, responses=routes.AUTH_ERRORS)
     if settings.metrics:
-        app.include_router(metrics.router)  # admin scope where keys are needed
+        app.include_router(metrics.router, responses=routes.AUTH_ERRORS)  # admin scope
     return app

@@ -142,6 +142,7 @@ def test_a_500_closes_its_connection_and_says_so(
             assert failed.json()["error"] == {
                 "type": "internal",
                 "message": "internal server error",
+                "request_id": failed.headers["x-request-id"],
             }
             assert client.get("/healthz").status_code == 200
             assert client.post("/v1/clients/bob/adaptations", json=ADAPT_BODY).status_code == 201

@@ -12,8 +12,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.service.api.test_server import server
+from tests.service.api.test_server_auth import keys
 
-TOKEN = "fa_live_9f8e7d6c5b4a39281706f5e4d3c2b1a09f8e7d6c5b4a3928"
 SUPPORT = {"inputs": [[-2.71828182], [1.41421356]], "targets": [3.14159265, -1.73205080]}
 QUERY = 0.57721566
 FIELDS = {"time", "request_id", "tenant", "method", "route", "status", "duration_ms"}
@@ -32,14 +32,19 @@ def test_the_served_access_log_and_metrics(
         "FASTADAPT_MAX_BODY_BYTES": "2048",
         "FASTADAPT_METRICS_CENSUS_S": "0",
     }
+    token = keys(env, "create", "--tenant", "acme").splitlines()[-1]  # a real key, sent
     log = tmp_path / "server.log"
-    headers = {"Authorization": f"Bearer {TOKEN}", "X-Request-ID": "e2e-1"}
+    headers = {"Authorization": f"Bearer {token}", "X-Request-ID": "e2e-1"}
     body = {"meta_model": "sinusoid", "support": SUPPORT}
     with server(env, log) as client:
         sent = [
             client.post("/v1/clients/alice/adaptations", json=body, headers=headers),
             client.get("/v1/clients/alice/predictions", params={"x": QUERY}, headers=headers),
-            client.post("/v1/clients/alice/predictions", json={"inputs": [[QUERY]]}),
+            client.post(  # the key without a request id: the server makes one
+                "/v1/clients/alice/predictions",
+                json={"inputs": [[QUERY]]},
+                headers={"Authorization": headers["Authorization"]},
+            ),
             client.get("/v1/clients/nobody", headers={"X-Request-ID": "not sane!"}),
             client.post("/v1/clients/alice/adaptations", content=b"[" * 4096, headers=headers),
             client.get("/no/such/path"),
@@ -73,6 +78,6 @@ def test_the_served_access_log_and_metrics(
         "/v1/clients/{client_id}/adaptations",
         "unmatched",
     ]
-    for secret in (TOKEN, "Bearer", "2.71828182", "1.41421356", "3.14159265", "1.7320508",
+    for secret in (token, "Bearer", "2.71828182", "1.41421356", "3.14159265", "1.7320508",
                    str(QUERY), "x="):  # fmt: skip
         assert secret not in text
