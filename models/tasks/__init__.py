@@ -10,10 +10,12 @@ its module plus one line in ``MODULES``; nothing else spells a family's name.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -64,13 +66,15 @@ class Family:
     evaluate: Callable[[argparse.Namespace], None]  # prints the meta-test tables
 
 
-def families() -> dict[str, Family]:
-    """Every registered family by name (importing their modules on first use)."""
+@functools.cache
+def families() -> Mapping[str, Family]:
+    """Every registered family by name, their modules imported once (the service looks a
+    family up on every adaptation and prediction)."""
     found: dict[str, Family] = {}
     for module in MODULES:
         family: Family = importlib.import_module(module).FAMILY
         found[family.name] = family
-    return found
+    return MappingProxyType(found)
 
 
 def family(name: str) -> Family:
