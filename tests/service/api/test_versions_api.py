@@ -178,7 +178,9 @@ def test_rollback_appends_a_copy_that_predicts_as_the_old_version(api: TestClien
     v1 = ok(api.get("/v1/clients/alice/versions"))["versions"][-1]
     same = ("meta_model_version", "support_size", "support_loss_after", "labels", "inner_steps")
     assert all(made[k] == v1[k] for k in same)
-    assert predictions(api) == old  # the cached copy
+    misses = ok(api.get("/v1/engine/stats"))["cache"]["misses"]
+    assert predictions(api) == old
+    assert ok(api.get("/v1/engine/stats"))["cache"]["misses"] == misses  # cached by the rollback
     assert predictions(api, version=3) == old == predictions(api, version=1)
     history = ok(api.get("/v1/clients/alice"))
     assert history["current_version"] == 3
