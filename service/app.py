@@ -14,7 +14,7 @@ from fastapi import Depends, FastAPI
 
 from models import tasks
 from models.checkpoint import MetaModel, discover
-from service.api import docs, errors, keys, metrics, routes, stats
+from service.api import docs, errors, keys, metrics, routes, stats, versions
 from service.api.deps import get_principal
 from service.api.middleware import BodyLimit
 from service.api.observe import Observe
@@ -55,7 +55,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     engine.start()
     app.state.sessions = session_factory(database)
     app.state.runtime = Runtime(
-        engine=engine, commits=GroupCommit(), meta_models=meta_models, settings=settings
+        engine=engine,
+        commits=GroupCommit(keep=settings.versions_kept),
+        meta_models=meta_models,
+        settings=settings,
     )
     if app_metrics is not None:
         app_metrics.attach(app.state.runtime)
@@ -103,7 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     docs.install(app)
     app.include_router(routes.health)  # open: probes
     authenticated = [Depends(get_principal)]  # every /v1 route: 401 / 429 before the route
-    for router in (routes.router, stats.router, keys.router):
+    for router in (routes.router, stats.router, keys.router, versions.router):
         app.include_router(router, dependencies=authenticated, responses=routes.AUTH_ERRORS)
     if settings.metrics:
         app.include_router(metrics.router, responses=routes.AUTH_ERRORS)  # admin scope

@@ -35,6 +35,13 @@ class Settings(BaseSettings):
         description="Directory of meta-model artifacts, one sub-directory each.",
     )
 
+    versions_kept: int = Field(
+        default=10,
+        ge=1,
+        description="Versions kept per client: older ones are deleted as new ones are stored "
+        "(the current version is the newest, so it is never deleted).",
+    )
+
     # -- serving -----------------------------------------------------------------------------
     host: str = Field(default="127.0.0.1", description="Interface `fastadapt serve` binds.")
     port: int = Field(default=8000, ge=1, le=65535, description="Port `fastadapt serve` binds.")

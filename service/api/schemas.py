@@ -45,6 +45,8 @@ Target = Annotated[
 UNION_TAGS = frozenset({"row", "array", "image", "integer", "number", "label"})
 Label = StrictInt | StrictStr
 MAX_VERSION = 2**31 - 1  # the INTEGER column's range
+ORIGIN = 'How the version was made: "adapt", "readapt", "examples", "rollback" or "reconcile".'
+SOURCE_VERSION = "The version a readapt, examples, rollback or reconcile started from; else null."
 
 
 class Request(BaseModel):
@@ -108,6 +110,8 @@ class AdaptResponse(Response):
     labels: list[Label] | None = Field(
         None, description="Classification: the client's labels, in output order."
     )
+    origin: str = Field(description=ORIGIN)
+    source_version: int | None = Field(description=SOURCE_VERSION)
 
 
 class PredictionRequest(Request):
@@ -145,6 +149,8 @@ class VersionResponse(Response):
     adapt_ms: float
     labels: list[Label] | None = None
     created_at: datetime
+    origin: str = Field(description=ORIGIN)
+    source_version: int | None = Field(description=SOURCE_VERSION)
 
 
 class ClientResponse(Response):
@@ -211,3 +217,47 @@ class CreatedKeyResponse(KeyResponse):
 
 class KeyList(Response):
     keys: list[KeyResponse]
+
+
+# -- client versions -------------------------------------------------------------------------
+class ClientSummary(Response):
+    client_id: str
+    current_version: int
+    meta_model: str = Field(description="The current version's meta-model.")
+    meta_model_version: str = Field(description="The sha256 it was adapted from.")
+    updated_at: datetime = Field(description="When its newest version was stored.")
+
+
+class ClientList(Response):
+    clients: list[ClientSummary] = Field(description="By client_id.")
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next page; null on the last page."
+    )
+
+
+class VersionList(Response):
+    client_id: str
+    current_version: int
+    versions: list[VersionResponse] = Field(description="Newest first.")
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next (older) page; null on the last page."
+    )
+
+
+class RollbackRequest(Request):
+    version: Annotated[int, Field(strict=True, ge=1, le=MAX_VERSION)] = Field(
+        description="The stored version to make current again (as a new version)."
+    )
+
+
+class ExamplesRequest(Request):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"inputs": [[1.5], [-0.5]], "targets": [0.8, -0.3]}]}
+    )
+
+    inputs: list[Input] = Field(description="(N, ...) new inputs, as in a support set.")
+    targets: list[Target] = Field(description="(N,) their targets.")
+    inner_steps: Count | None = Field(None, description="Default: the meta-model's.")
+    inner_lr: Number | None = Field(
+        None, description="Default: the meta-model's; not allowed when its rates are learned."
+    )

@@ -149,6 +149,12 @@ class Engine:
         fast = runner.fast_params(adapted.params).to(self.device)
         return self.cache.put(key, fast, adapted.ticket)
 
+    def ticket(self) -> int:
+        """For params the caller reads itself (a rollback's copy of a stored version):
+        take this before the read and pass it as ``Adapted.ticket`` to ``stored``, which
+        then skips them if their client was forgotten meanwhile."""
+        return self.cache.ticket()
+
     def forget(self, tenant_id: str, client_id: str) -> None:
         """Never serve any cached version of this client again (call after the delete)."""
         self.cache.forget(tenant_id, client_id)

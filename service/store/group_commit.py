@@ -10,10 +10,11 @@ request commits at once. ``append`` returns only after the transaction holding t
 has committed: an acknowledged version is durably stored.
 
 This module commits, which repository functions never do: it is the use cases'
-commit, shared. A group is three statements (``repository.append_versions``), which
-lock clients in (tenant, client) order, so two processes' groups cannot deadlock. If a
-group's transaction fails, its rows are retried one transaction each, so one bad row
-fails only its own request.
+commit, shared. A group is three statements (``repository.append_versions``), four
+with retention (one ``DELETE`` prunes every client of the group past its newest
+``keep``), which lock clients in (tenant, client) order, so two processes' groups
+cannot deadlock. If a group's transaction fails, its rows are retried one transaction
+each, so one bad row fails only its own request.
 """
 
 from __future__ import annotations
@@ -36,10 +37,13 @@ class _Pending:
 
 
 class GroupCommit:
-    def __init__(self, max_rows: int = 256) -> None:
+    def __init__(self, max_rows: int = 256, keep: int | None = None) -> None:
         if max_rows < 1:
             raise ValueError("max_rows must be >= 1")
+        if keep is not None and keep < 1:
+            raise ValueError("keep must be >= 1")
         self.max_rows = max_rows  # most rows in one transaction
+        self.keep = keep  # versions kept per client (None: all), pruned in the same transaction
         self._pending: list[_Pending] = []
         self._leading = False  # a leader is committing, or has been chosen
         self._lock = threading.Lock()
@@ -90,7 +94,7 @@ class GroupCommit:
 
     def _commit(self, session: Session, group: list[_Pending]) -> None:
         try:
-            repository.append_versions(session=session, rows=[p.row for p in group])
+            repository.append_versions(session=session, rows=[p.row for p in group], keep=self.keep)
             session.commit()
         except BaseException as exc:
             session.rollback()

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from functools import cache
 from typing import Any, cast
 
 from sqlalchemy import (
+    ColumnElement,
+    Delete,
     Insert,
     Table,
     Update,
     bindparam,
     case,
     delete,
+    false,
     func,
     inspect,
+    not_,
+    or_,
     select,
     text,
     update,
@@ -22,12 +29,21 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, selectinload
 
+from service.errors import NotFound
 from service.store.tables import Client, ClientVersion, utcnow
 
 
-def append_versions(*, session: Session, rows: Sequence[ClientVersion]) -> None:
+def append_versions(
+    *, session: Session, rows: Sequence[ClientVersion], keep: int | None = None
+) -> None:
     """Store ``rows`` as the next versions of their clients (created if new), in order,
-    and make each client's newest current: three statements for the lot, whatever its size.
+    and make each client's newest current: three statements for the lot, whatever its
+    size, and a fourth that deletes, with ``keep``, each client's versions beyond its
+    newest ``keep`` (the current one is the newest, so it is never deleted).
+
+    A row with a ``source_version`` (a readapt, rollback, examples or reconcile) was made
+    from a stored version: if its client no longer exists (deleted since), it raises
+    ``NotFound`` instead of creating the client anew.
 
     One ``INSERT ... ON CONFLICT DO UPDATE`` creates the clients that are new and locks
     every client's row until the transaction ends (the row lock on PostgreSQL; on SQLite
@@ -59,6 +75,8 @@ def append_versions(*, session: Session, rows: Sequence[ClientVersion]) -> None:
     current: dict[tuple[str, str], int] = {(str(r[0]), str(r[1])): int(r[2]) for r in locked}
     for row in rows:
         key = (row.tenant_id, row.client_id)
+        if current[key] == 0 and row.source_version is not None:  # created just now
+            raise NotFound(f"unknown client {row.client_id!r} (deleted meanwhile)")
         current[key] += 1
         row.version = current[key]
     by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
@@ -72,6 +90,12 @@ def append_versions(*, session: Session, rows: Sequence[ClientVersion]) -> None:
         _set_current_version(),
         [{"t": t, "c": c, "v": v} for (t, c), v in current.items()],
     )
+    if keep is not None:
+        if keep < 1:
+            raise ValueError("keep must be >= 1")
+        floors = [{"t": t, "c": c, "v": v - keep} for (t, c), v in current.items() if v > keep]
+        if floors:
+            connection.execute(_prune_versions(), floors)
 
 
 @cache
@@ -92,6 +116,16 @@ def _set_current_version() -> Update:
         update(table)
         .where(table.c.tenant_id == bindparam("t"), table.c.client_id == bindparam("c"))
         .values(current_version=bindparam("v"))
+    )
+
+
+@cache
+def _prune_versions() -> Delete:
+    table = _table(ClientVersion)
+    return delete(table).where(
+        table.c.tenant_id == bindparam("t"),
+        table.c.client_id == bindparam("c"),
+        table.c.version <= bindparam("v"),
     )
 
 
@@ -177,3 +211,97 @@ def count_by_meta_model(*, session: Session) -> list[tuple[str, int, int]]:
         (name, int(clients or 0), int(versions))
         for name, clients, versions in session.execute(stmt)
     ]
+
+
+# -- listing ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ClientSummary:
+    """A client and its current version's meta-model."""
+
+    client_id: str
+    current_version: int
+    meta_model: str
+    meta_model_version: str
+    updated_at: datetime
+
+
+def list_clients(
+    *,
+    session: Session,
+    tenant_id: str,
+    after: str | None,
+    limit: int,
+    meta_model: str | None = None,
+    stale_against: Mapping[str, str] | None = None,
+) -> list[ClientSummary]:
+    """Up to ``limit`` of the tenant's clients, by ``client_id``, after ``after``; only
+    those whose current version is of ``meta_model`` (a name), and with ``stale_against``
+    (name -> sha) only those whose current version's meta-model sha is not its name's
+    entry there (a name without one counts as stale). One indexed query: the primary keys
+    order and join it."""
+    stmt = (
+        select(
+            Client.client_id,
+            Client.current_version,
+            ClientVersion.meta_model,
+            ClientVersion.meta_model_version,
+            Client.updated_at,
+        )
+        .join(
+            ClientVersion,
+            (ClientVersion.tenant_id == Client.tenant_id)
+            & (ClientVersion.client_id == Client.client_id)
+            & (ClientVersion.version == Client.current_version),
+        )
+        .where(Client.tenant_id == tenant_id)
+        .order_by(Client.client_id)
+        .limit(limit)
+    )
+    if after is not None:
+        stmt = stmt.where(Client.client_id > after)
+    if meta_model is not None:
+        stmt = stmt.where(ClientVersion.meta_model == meta_model)
+    if stale_against is not None:
+        stmt = stmt.where(not_(_on_any(stale_against)))
+    return [ClientSummary(*row) for row in session.execute(stmt)]
+
+
+def _on_any(shas: Mapping[str, str]) -> ColumnElement[bool]:
+    """The current version is on its name's sha in ``shas``."""
+    if not shas:
+        return false()  # no name has a sha: none is current
+    return or_(
+        *(
+            (ClientVersion.meta_model == name) & (ClientVersion.meta_model_version == sha)
+            for name, sha in sorted(shas.items())
+        )
+    )
+
+
+def list_versions(
+    *,
+    session: Session,
+    tenant_id: str,
+    client_id: str,
+    before: int | None,
+    limit: int,
+) -> list[ClientVersion]:
+    """Up to ``limit`` of a client's versions, newest first, older than ``before``
+    (without parameters or support sets)."""
+    stmt = (
+        select(ClientVersion)
+        .where(ClientVersion.tenant_id == tenant_id, ClientVersion.client_id == client_id)
+        .order_by(ClientVersion.version.desc())
+        .limit(limit)
+    )
+    if before is not None:
+        stmt = stmt.where(ClientVersion.version < before)
+    return list(session.scalars(stmt))
+
+
+def current_version(*, session: Session, tenant_id: str, client_id: str) -> int | None:
+    """The client's current version number; None if there is no such client."""
+    stmt = select(Client.current_version).where(
+        Client.tenant_id == tenant_id, Client.client_id == client_id
+    )
+    return session.scalars(stmt).one_or_none()

@@ -27,6 +27,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 DEFAULT_TENANT = "default"
+# how a client version was made (ClientVersion.origin)
+ORIGINS = ("adapt", "readapt", "examples", "rollback", "reconcile")
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -108,6 +110,10 @@ class ClientVersion(Base):
     # classification: the client's labels in output order (output i predicts labels[i])
     labels: Mapped[list[int | str] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # how it was made: one of ORIGINS; source_version: the version a readapt, rollback,
+    # reconcile or examples started from (None for a plain adaptation)
+    origin: Mapped[str] = mapped_column(String(16), default="adapt", server_default="adapt")
+    source_version: Mapped[int | None] = mapped_column(Integer, default=None)
 
     client: Mapped[Client] = relationship(back_populates="versions")
 

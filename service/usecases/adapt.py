@@ -30,8 +30,11 @@ def adapt(
     targets: Sequence[RawTarget],
     inner_steps: int | None = None,
     inner_lr: float | None = None,
+    origin: str = "adapt",
+    source_version: int | None = None,
 ) -> ClientVersion:
-    """Adapt the meta-model to the support set and store the result as the next version."""
+    """Adapt the meta-model to the support set and store the result as the next version
+    (made by ``origin``, from ``source_version``: see ``ClientVersion``)."""
     request = requests.adaptation(
         meta_models=runtime.meta_models,
         settings=runtime.settings,
@@ -49,6 +52,7 @@ def adapt(
             f"{adapted.loss_after:g}); lower inner_lr or inner_steps, or rescale the data",
         )
     row = version_row(tenant_id=tenant_id, client_id=client_id, request=request, adapted=adapted)
+    row.origin, row.source_version = origin, source_version
     try:
         runtime.commits.append(session=session, row=row)  # committed with concurrent ones
     except IntegrityError:  # the row lock makes this unexpected; the primary key still holds
@@ -77,7 +81,7 @@ def readapt(
     )
     if row is None:
         raise missing(session=session, tenant_id=tenant_id, client_id=client_id, version=version)
-    meta_model = row.meta_model
+    meta_model, source = row.meta_model, row.version
     inputs = json.loads(row.support_inputs)  # as the client sent them: rows, arrays or images
     targets = json.loads(row.support_targets)
     session.close()  # nothing pending: adapt() appends the new version through the group commit
@@ -91,6 +95,8 @@ def readapt(
         targets=targets,
         inner_steps=inner_steps,
         inner_lr=inner_lr,
+        origin="readapt",
+        source_version=source,
     )
 
 

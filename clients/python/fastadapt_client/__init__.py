@@ -25,9 +25,12 @@ from fastadapt_client.errors import (
 from fastadapt_client.models import (
     AdaptResponse,
     ClassPrediction,
+    ClientList,
     ClientResponse,
+    ClientSummary,
     MetaModelResponse,
     PredictionResponse,
+    VersionList,
     VersionResponse,
 )
 from fastadapt_client.retry import RetryPolicy
@@ -39,7 +42,9 @@ __all__ = [
     "Call",
     "ClassPrediction",
     "Client",
+    "ClientList",
     "ClientResponse",
+    "ClientSummary",
     "Conflict",
     "FastAdaptError",
     "Forbidden",
@@ -53,6 +58,7 @@ __all__ = [
     "TransportError",
     "Unauthorized",
     "Unavailable",
+    "VersionList",
     "VersionResponse",
     "__version__",
 ]

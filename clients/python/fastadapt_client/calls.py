@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import httpx
 from pydantic import BaseModel
@@ -16,14 +16,18 @@ from fastadapt_client.inputs import ImageInput, NumericInput, wire_inputs, wire_
 from fastadapt_client.models import (
     AdaptRequest,
     AdaptResponse,
+    ClientList,
     ClientResponse,
+    ExamplesRequest,
     MetaModelList,
     MetaModelResponse,
     PredictionRequest,
     PredictionResponse,
     ReadaptRequest,
     Request,
+    RollbackRequest,
     SupportSet,
+    VersionList,
 )
 
 T = TypeVar("T")
@@ -96,6 +100,49 @@ def readapt(
     return Call("POST", f"{_client(client_id)}/readaptations", _reader(AdaptResponse), _json(body))
 
 
+def list_clients(
+    *,
+    limit: int | None = None,
+    cursor: str | None = None,
+    meta_model: str | None = None,
+    stale: bool = False,
+) -> Call[ClientList]:
+    query = _query(
+        limit=limit, cursor=cursor, meta_model=meta_model, stale="true" if stale else None
+    )
+    return Call("GET", f"/v1/clients{query}", _reader(ClientList))
+
+
+def versions(
+    client_id: str, *, limit: int | None = None, cursor: str | None = None
+) -> Call[VersionList]:
+    query = _query(limit=limit, cursor=cursor)
+    return Call("GET", f"{_client(client_id)}/versions{query}", _reader(VersionList))
+
+
+def rollback(client_id: str, *, version: int) -> Call[AdaptResponse]:
+    body = RollbackRequest(version=version)
+    return Call("POST", f"{_client(client_id)}/rollback", _reader(AdaptResponse), _json(body))
+
+
+def add_examples(
+    client_id: str,
+    *,
+    targets: Sequence[float | int | str] | Any,
+    inputs: Sequence[NumericInput] | Any | None = None,
+    images: Sequence[ImageInput] | None = None,
+    inner_steps: int | None = None,
+    inner_lr: float | None = None,
+) -> Call[AdaptResponse]:
+    body = ExamplesRequest(
+        inputs=wire_inputs(inputs, images, field="examples"),
+        targets=wire_targets(targets),
+        inner_steps=inner_steps,
+        inner_lr=inner_lr,
+    )
+    return Call("POST", f"{_client(client_id)}/examples", _reader(AdaptResponse), _json(body))
+
+
 def delete(client_id: str) -> Call[None]:
     return Call("DELETE", _client(client_id), lambda _: None)
 
@@ -109,6 +156,12 @@ def segment(value: str) -> str:
 
 def _client(client_id: str) -> str:
     return f"/v1/clients/{segment(client_id)}"
+
+
+def _query(**values: str | int | None) -> str:
+    """``?a=1&b=x`` of the values that are not None; empty when all are."""
+    given = {k: v for k, v in values.items() if v is not None}
+    return f"?{urlencode(given)}" if given else ""
 
 
 def _json(body: Request) -> dict[str, Any]:

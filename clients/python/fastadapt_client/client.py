@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -20,9 +20,13 @@ from fastadapt_client.errors import REQUEST_ID_HEADER, FastAdaptError, Transport
 from fastadapt_client.inputs import ImageInput, NumericInput
 from fastadapt_client.models import (
     AdaptResponse,
+    ClientList,
     ClientResponse,
+    ClientSummary,
     MetaModelResponse,
     PredictionResponse,
+    VersionList,
+    VersionResponse,
 )
 from fastadapt_client.retry import RetryPolicy
 
@@ -224,6 +228,82 @@ class Client(_Base):
         """Delete the client: every version and support set."""
         return self.send(calls.delete(client_id))
 
+    # -- client versions ---------------------------------------------------------------------
+    def list_clients(
+        self, *, meta_model: str | None = None, stale: bool = False, page_size: int | None = None
+    ) -> Iterator[ClientSummary]:
+        """Every client of the tenant, by client id, fetched a page (``page_size``, the
+        server's default 50) at a time as the iteration reaches it. ``meta_model``: only
+        clients whose current version is of it; ``stale``: only those on an older version
+        of their meta-model than the one new adaptations use."""
+        cursor: str | None = None
+        while True:
+            page = self.clients_page(
+                meta_model=meta_model, stale=stale, limit=page_size, cursor=cursor
+            )
+            yield from page.clients
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    def clients_page(
+        self,
+        *,
+        meta_model: str | None = None,
+        stale: bool = False,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> ClientList:
+        """One page of ``list_clients``; pass its ``next_cursor`` back for the next."""
+        return self.send(
+            calls.list_clients(limit=limit, cursor=cursor, meta_model=meta_model, stale=stale)
+        )
+
+    def versions(
+        self, client_id: str, *, page_size: int | None = None
+    ) -> Iterator[VersionResponse]:
+        """The client's stored versions, newest first, a page at a time as iterated."""
+        cursor: str | None = None
+        while True:
+            page = self.versions_page(client_id, limit=page_size, cursor=cursor)
+            yield from page.versions
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    def versions_page(
+        self, client_id: str, *, limit: int | None = None, cursor: str | None = None
+    ) -> VersionList:
+        """One page of ``versions``; pass its ``next_cursor`` back for the next."""
+        return self.send(calls.versions(client_id, limit=limit, cursor=cursor))
+
+    def rollback(self, client_id: str, *, version: int) -> AdaptResponse:
+        """Make ``version`` current again, as a new version that copies it."""
+        return self.send(calls.rollback(client_id, version=version))
+
+    def add_examples(
+        self,
+        client_id: str,
+        *,
+        targets: Sequence[float | int | str] | Any,
+        inputs: Sequence[NumericInput] | Any | None = None,
+        images: Sequence[ImageInput] | None = None,
+        inner_steps: int | None = None,
+        inner_lr: float | None = None,
+    ) -> AdaptResponse:
+        """Add examples to the current support set and adapt the whole set anew: the
+        result is the client's new version. Never retried after a lost connection."""
+        return self.send(
+            calls.add_examples(
+                client_id,
+                targets=targets,
+                inputs=inputs,
+                images=images,
+                inner_steps=inner_steps,
+                inner_lr=inner_lr,
+            )
+        )
+
 
 class AsyncClient(_Base):
     """The asynchronous twin of ``Client``: the same arguments and methods, awaited.
@@ -346,3 +426,70 @@ class AsyncClient(_Base):
 
     async def delete(self, client_id: str) -> None:
         return await self.send(calls.delete(client_id))
+
+    async def list_clients(
+        self, *, meta_model: str | None = None, stale: bool = False, page_size: int | None = None
+    ) -> AsyncIterator[ClientSummary]:
+        cursor: str | None = None
+        while True:
+            page = await self.clients_page(
+                meta_model=meta_model, stale=stale, limit=page_size, cursor=cursor
+            )
+            for client in page.clients:
+                yield client
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    async def clients_page(
+        self,
+        *,
+        meta_model: str | None = None,
+        stale: bool = False,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> ClientList:
+        return await self.send(
+            calls.list_clients(limit=limit, cursor=cursor, meta_model=meta_model, stale=stale)
+        )
+
+    async def versions(
+        self, client_id: str, *, page_size: int | None = None
+    ) -> AsyncIterator[VersionResponse]:
+        cursor: str | None = None
+        while True:
+            page = await self.versions_page(client_id, limit=page_size, cursor=cursor)
+            for version in page.versions:
+                yield version
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    async def versions_page(
+        self, client_id: str, *, limit: int | None = None, cursor: str | None = None
+    ) -> VersionList:
+        return await self.send(calls.versions(client_id, limit=limit, cursor=cursor))
+
+    async def rollback(self, client_id: str, *, version: int) -> AdaptResponse:
+        return await self.send(calls.rollback(client_id, version=version))
+
+    async def add_examples(
+        self,
+        client_id: str,
+        *,
+        targets: Sequence[float | int | str] | Any,
+        inputs: Sequence[NumericInput] | Any | None = None,
+        images: Sequence[ImageInput] | None = None,
+        inner_steps: int | None = None,
+        inner_lr: float | None = None,
+    ) -> AdaptResponse:
+        return await self.send(
+            calls.add_examples(
+                client_id,
+                targets=targets,
+                inputs=inputs,
+                images=images,
+                inner_steps=inner_steps,
+                inner_lr=inner_lr,
+            )
+        )

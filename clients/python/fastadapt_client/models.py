@@ -53,9 +53,21 @@ class PredictionRequest(Request):
     version: int | None = None
 
 
+class RollbackRequest(Request):
+    version: int
+
+
+class ExamplesRequest(Request):
+    inputs: list[WireInput]
+    targets: list[Target]
+    inner_steps: int | None = None
+    inner_lr: Number | None = None
+
+
 # -- responses -------------------------------------------------------------------------------
 class AdaptResponse(Response):
-    """A new version of a client, made by ``adapt`` or ``readapt``."""
+    """A new version of a client, made by ``adapt``, ``readapt``, ``rollback`` or
+    ``add_examples``."""
 
     client_id: str
     version: int
@@ -69,6 +81,12 @@ class AdaptResponse(Response):
     adapt_ms: float
     labels: list[Label] | None = Field(
         None, description="Classification: the client's labels, in output order."
+    )
+    origin: str = Field(
+        description='How it was made: "adapt", "readapt", "examples", "rollback", "reconcile".'
+    )
+    source_version: int | None = Field(
+        description="The version a readapt, examples, rollback or reconcile started from."
     )
 
 
@@ -98,6 +116,12 @@ class VersionResponse(Response):
     adapt_ms: float
     labels: list[Label] | None = None
     created_at: datetime
+    origin: str = Field(
+        description='How it was made: "adapt", "readapt", "examples", "rollback", "reconcile".'
+    )
+    source_version: int | None = Field(
+        description="The version a readapt, examples, rollback or reconcile started from."
+    )
 
 
 class ClientResponse(Response):
@@ -107,6 +131,32 @@ class ClientResponse(Response):
     current_version: int
     created_at: datetime
     versions: list[VersionResponse]
+
+
+class ClientSummary(Response):
+    """One client of a listing: its current version and that version's meta-model."""
+
+    client_id: str
+    current_version: int
+    meta_model: str
+    meta_model_version: str
+    updated_at: datetime
+
+
+class ClientList(Response):
+    """One page of the tenant's clients, by client id."""
+
+    clients: list[ClientSummary]
+    next_cursor: str | None = Field(description="The next page's cursor; None on the last.")
+
+
+class VersionList(Response):
+    """One page of a client's versions, newest first."""
+
+    client_id: str
+    current_version: int
+    versions: list[VersionResponse]
+    next_cursor: str | None = Field(description="The next page's cursor; None on the last.")
 
 
 class MetaModelResponse(Response):

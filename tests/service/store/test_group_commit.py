@@ -51,11 +51,13 @@ def grouped(
     first_write, release = threading.Event(), threading.Event()
     append_versions = repository.append_versions
 
-    def slow_first(*, session: Session, rows: Sequence[ClientVersion]) -> None:
+    def slow_first(
+        *, session: Session, rows: Sequence[ClientVersion], keep: int | None = None
+    ) -> None:
         if not first_write.is_set():
             first_write.set()
             assert release.wait(10)
-        append_versions(session=session, rows=rows)
+        append_versions(session=session, rows=rows, keep=keep)
 
     monkeypatch.setattr(group_commit.repository, "append_versions", slow_first)
     with ThreadPoolExecutor(len(followers) + 1) as pool:
