@@ -5,7 +5,16 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictInt, StrictStr, Tag
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictInt,
+    StrictStr,
+    Tag,
+)
 
 # A JSON number: no strings, no booleans, no NaN or infinity (Python's json accepts them).
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
@@ -45,6 +54,13 @@ Target = Annotated[
 UNION_TAGS = frozenset({"row", "array", "image", "integer", "number", "label"})
 Label = StrictInt | StrictStr
 MAX_VERSION = 2**31 - 1  # the INTEGER column's range
+VERSION_ID = "The version's identity: 32 hex digits, never reused (a client deleted and "
+VERSION_ID += "re-created starts at version 1 again, with new ids); predictions' ETag."
+
+
+def version_id() -> Any:
+    """The ``version_id`` field, read from a stored version's ``uid``."""
+    return Field(validation_alias=AliasChoices("version_id", "uid"), description=VERSION_ID)
 
 
 class Request(BaseModel):
@@ -97,6 +113,7 @@ class ReadaptRequest(Request):
 class AdaptResponse(Response):
     client_id: str
     version: int
+    version_id: str = version_id()
     meta_model: str
     meta_model_version: str
     support_size: int
@@ -127,6 +144,7 @@ class ClassPrediction(Response):
 class PredictionResponse(Response):
     client_id: str
     version: int
+    version_id: str = version_id()
     predictions: list[float] | list[list[float]] | list[ClassPrediction] = Field(
         description="One float per input for single-output regression; a label with "
         "probabilities per input for classification."
@@ -135,6 +153,7 @@ class PredictionResponse(Response):
 
 class VersionResponse(Response):
     version: int
+    version_id: str = version_id()
     meta_model: str
     meta_model_version: str
     support_size: int

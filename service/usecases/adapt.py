@@ -14,7 +14,8 @@ from service.engine import Adapted
 from service.errors import Conflict, InvalidInput
 from service.requests import Adaptation, RawInput, RawTarget
 from service.store import repository
-from service.store.tables import ClientVersion, utcnow
+from service.store.tables import ClientVersion, new_uid, utcnow
+from service.usecases.idempotency import IdempotencyKey, stamp
 from service.usecases.runtime import Runtime, missing, storing
 
 
@@ -30,8 +31,10 @@ def adapt(
     targets: Sequence[RawTarget],
     inner_steps: int | None = None,
     inner_lr: float | None = None,
+    idempotency: IdempotencyKey | None = None,
 ) -> ClientVersion:
-    """Adapt the meta-model to the support set and store the result as the next version."""
+    """Adapt the meta-model to the support set and store the result as the next version
+    (recording ``idempotency``'s key with it: see ``usecases.idempotency``)."""
     request = requests.adaptation(
         meta_models=runtime.meta_models,
         settings=runtime.settings,
@@ -49,11 +52,12 @@ def adapt(
             f"{adapted.loss_after:g}); lower inner_lr or inner_steps, or rescale the data",
         )
     row = version_row(tenant_id=tenant_id, client_id=client_id, request=request, adapted=adapted)
+    stamp(row, idempotency)
     try:
         runtime.commits.append(session=session, row=row)  # committed with concurrent ones
     except IntegrityError:  # the row lock makes this unexpected; the primary key still holds
         raise Conflict(f"client {client_id!r} was adapted concurrently; retry") from None
-    runtime.engine.stored(adapted, (tenant_id, client_id, row.version))  # its first prediction
+    runtime.engine.stored(adapted, (tenant_id, client_id, row.uid))  # its first prediction
     return row
 
 
@@ -67,6 +71,7 @@ def readapt(
     version: int | None = None,
     inner_steps: int | None = None,
     inner_lr: float | None = None,
+    idempotency: IdempotencyKey | None = None,
 ) -> ClientVersion:
     """Adapt a stored version's support set again (the current version's by default) to
     the meta-model of the same name as loaded now, with that meta-model's inner-loop
@@ -91,6 +96,7 @@ def readapt(
         targets=targets,
         inner_steps=inner_steps,
         inner_lr=inner_lr,
+        idempotency=idempotency,
     )
 
 
@@ -100,6 +106,7 @@ def version_row(
     """A client's next version, not yet stored: the adapted params, the support set as the
     client sent it, the labels, the inner-loop settings and losses."""
     return ClientVersion(
+        uid=new_uid(),
         tenant_id=tenant_id,
         client_id=client_id,
         meta_model=request.model.name,
