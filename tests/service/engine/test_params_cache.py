@@ -54,11 +54,11 @@ def test_replacing_a_key_does_not_count_its_bytes_twice() -> None:
 
 def test_forget_drops_every_version_of_one_client_of_one_tenant() -> None:
     cache = ParamsCache(capacity_bytes=1000)
-    for key in [("t", "a", "1"), ("t", "a", "2"), ("t", "b", "1"), ("u", "a", 1)]:
+    for key in [("t", "a", "1"), ("t", "a", "2"), ("t", "b", "1"), ("u", "a", "1")]:
         cache.put(key, params(1.0), cache.ticket())
     assert cache.forget("t", "a") == 2
     assert cache.get(("t", "a", "1")) is None and cache.get(("t", "a", "2")) is None
-    assert cache.get(("t", "b", "1")) is not None and cache.get(("u", "a", 1)) is not None
+    assert cache.get(("t", "b", "1")) is not None and cache.get(("u", "a", "1")) is not None
     assert cache.stats().bytes == 80
 
 
@@ -69,3 +69,12 @@ def test_a_load_started_before_a_forget_is_not_cached() -> None:
     assert not cache.put(("t", "a", "1"), params(1.0), ticket)  # ... so the load is not kept
     assert cache.put(("t", "b", "1"), params(1.0), ticket)  # other clients are unaffected
     assert cache.put(("t", "a", "1"), params(1.0), cache.ticket())  # a new load is fine
+
+
+def test_a_recreated_clients_version_is_a_new_key_even_where_no_forget_was_heard() -> None:
+    """Another process deleted and re-created the client: this cache heard nothing, but the
+    new version 1 has a new uid, so the old entry can never answer it."""
+    cache = ParamsCache(1000)
+    assert cache.put(("t", "a", "0" * 32), params(1.0), cache.ticket())
+    assert cache.get(("t", "a", "1" * 32)) is None
+    assert cache.get(("t", "a", "0" * 32)) is not None
