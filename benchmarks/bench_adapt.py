@@ -244,7 +244,7 @@ def predict_rows(
 
     def submit(i: int) -> Future[Any]:
         c = i % count
-        job = PredictJob("sinusoid", ("bench", str(c), 1), queries)
+        job = PredictJob("sinusoid", ("bench", str(c), "1"), queries)
         try:
             return engine.submit_predict(job)
         except NotCached as miss:  # the first time: as the prediction use case does

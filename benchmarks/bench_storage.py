@@ -105,7 +105,7 @@ def cache_memory(rows: list[ClientVersion], device: str) -> tuple[int, int, str]
         before = torch.cuda.memory_allocated(engine.device) if cuda else rss_bytes()
         runner = engine.runners[meta.name]
         for row in rows:  # as a prediction's miss or ``Engine.stored`` caches params
-            key = (row.tenant_id, row.client_id, row.version)
+            key = (row.tenant_id, row.client_id, row.uid)
             fast = runner.fast_params(row.params).to(engine.device)
             engine.cache.put(key, fast, engine.cache.ticket())
         after = torch.cuda.memory_allocated(engine.device) if cuda else rss_bytes()

@@ -52,9 +52,15 @@ class TooLarge(FastAdaptError):
 
 
 class Conflict(FastAdaptError):
-    """The request is valid but clashes with the stored state (e.g. a stale meta-model)."""
+    """The request is valid but clashes with the stored state (e.g. a stale meta-model);
+    ``retry_after`` (seconds), when set, says the clash will pass (a duplicate of a request
+    still in flight) and the answer carries ``Retry-After``."""
 
     type = "conflict"
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class Timeout(FastAdaptError):

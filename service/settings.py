@@ -75,6 +75,13 @@ class Settings(BaseSettings):
         default=10.0, gt=0, description="Largest inner_lr (it must be > 0)."
     )
 
+    idempotency_ttl_s: float = Field(
+        default=86400.0,
+        gt=0,
+        description="How long an Idempotency-Key replays the response of the request that "
+        "made a version; after that the key may be used anew.",
+    )
+
     # -- engine ------------------------------------------------------------------------------
     max_batch_size: int = Field(
         default=256, ge=1, description="Most jobs the engine runs as one batch (1: no batching)."

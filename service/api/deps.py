@@ -16,7 +16,7 @@ from functools import partial
 from typing import Annotated, cast
 
 from anyio import to_thread
-from fastapi import Depends, Path, Request, Security
+from fastapi import Depends, Header, Path, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -24,6 +24,7 @@ from service import usecases
 from service.auth import Guard, Principal, token_hash
 from service.errors import Forbidden, Unauthorized
 from service.usecases import DEFAULT_TENANT, Runtime
+from service.usecases.idempotency import IdempotencyKey
 
 # 1-128 characters of [A-Za-z0-9._-], but not "." or "..": URLs resolve those as path
 # segments ("/v1/clients/../x" is "/v1/x"), so such a client would be unreachable. Spelled
@@ -102,7 +103,32 @@ async def require_admin(principal: PrincipalDep) -> Principal:
     return principal
 
 
+async def get_idempotency(
+    request: Request,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            description="Makes retrying safe: a retry with the same key and body answers "
+            "the first response (`Idempotent-Replayed: true`) and creates nothing; the same "
+            "key with another request is 422; while the first is in progress, 409 with "
+            "Retry-After. 1-255 printable ASCII characters, per tenant; kept for "
+            "FASTADAPT_IDEMPOTENCY_TTL_S.",
+        ),
+    ] = None,
+) -> IdempotencyKey | None:
+    """The request's ``Idempotency-Key``, validated, with the hash of the request it names
+    (the body is read here; FastAPI reuses it)."""
+    if idempotency_key is None:
+        return None
+    body = await request.body()
+    return usecases.idempotency.key_of(
+        idempotency_key, method=request.method, path=request.url.path, body=body
+    )
+
+
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+IdempotencyDep = Annotated[IdempotencyKey | None, Depends(get_idempotency)]
 SessionDep = Annotated[Session, Depends(get_session)]
 TenantDep = Annotated[str, Depends(get_tenant)]
 AdminDep = Annotated[Principal, Depends(require_admin)]

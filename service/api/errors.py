@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException
 from service.api.observe import request_id_of
 from service.api.schemas import UNION_TAGS
 from service.errors import (
+    Conflict,
     FastAdaptError,
     InvalidInput,
     RateLimited,
@@ -50,7 +51,7 @@ def _respond(
 
 async def _domain(request: Request, exc: FastAdaptError) -> JSONResponse:
     headers: dict[str, str] = {}
-    if isinstance(exc, Unavailable) and exc.retry_after is not None:
+    if isinstance(exc, Unavailable | Conflict) and exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
     elif isinstance(exc, RateLimited):
         headers["Retry-After"] = str(exc.retry_after)

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Query, Response
 
 from service import usecases
-from service.api.deps import ClientId, RuntimeDep, SessionDep, TenantDep
+from service.api.deps import ClientId, IdempotencyDep, RuntimeDep, SessionDep, TenantDep
 from service.api.schemas import (
     MAX_VERSION,
     AdaptRequest,
@@ -33,6 +33,33 @@ AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 router = APIRouter(responses=ERRORS)
 health = APIRouter(responses={503: {"model": ErrorResponse}})
+REPLAYED = "Idempotent-Replayed"  # "true" on the stored answer to an Idempotency-Key's retry
+CREATED_HEADERS = {
+    REPLAYED: {
+        "description": '"true" when this is the stored answer to an earlier request with '
+        "the same Idempotency-Key (nothing was created).",
+        "schema": {"type": "string"},
+    }
+}
+PREDICTION_HEADERS = {
+    "ETag": {
+        "description": 'The predicting version\'s identity, quoted: "<version_id>". Never '
+        "reused, so a changed ETag means another model (If-None-Match is not honoured).",
+        "schema": {"type": "string"},
+    }
+}
+
+
+def replayed(created: usecases.idempotency.Created, response: Response) -> Any:
+    """The created (or replayed) version, marking a replay on ``response``."""
+    if created.replayed:
+        response.headers[REPLAYED] = "true"
+    return created.version
+
+
+def etag(prediction: usecases.predict.Prediction, response: Response) -> PredictionResponse:
+    response.headers["ETag"] = f'"{prediction.version_id}"'
+    return PredictionResponse.model_validate(prediction)
 
 
 @health.get("/healthz", tags=["health"])
@@ -59,60 +86,94 @@ def get_meta_model(name: str, runtime: RuntimeDep) -> MetaModelResponse:
     return MetaModelResponse.model_validate(usecases.meta_models.get(runtime.meta_models, name))
 
 
-@router.post("/v1/clients/{client_id}/adaptations", status_code=201, tags=["clients"])
+@router.post(
+    "/v1/clients/{client_id}/adaptations",
+    status_code=201,
+    tags=["clients"],
+    responses={201: {"headers": CREATED_HEADERS}},
+)
 def adapt(
     client_id: ClientId,
     body: AdaptRequest,
     session: SessionDep,
     runtime: RuntimeDep,
     tenant_id: TenantDep,
+    idempotency: IdempotencyDep,
+    response: Response,
 ) -> AdaptResponse:
-    """Adapt a meta-model to the client's support set; the result is its new version."""
-    version = usecases.adapt.adapt(
+    """Adapt a meta-model to the client's support set; the result is its new version.
+    With an ``Idempotency-Key``, a retry answers the first response and adapts nothing."""
+    created = usecases.idempotency.once(
         session=session,
         runtime=runtime,
         tenant_id=tenant_id,
-        client_id=client_id,
-        meta_model=body.meta_model,
-        inputs=body.support.inputs,
-        targets=body.support.targets,
-        inner_steps=body.inner_steps,
-        inner_lr=body.inner_lr,
+        key=idempotency,
+        create=lambda key: usecases.adapt.adapt(
+            session=session,
+            runtime=runtime,
+            tenant_id=tenant_id,
+            client_id=client_id,
+            meta_model=body.meta_model,
+            inputs=body.support.inputs,
+            targets=body.support.targets,
+            inner_steps=body.inner_steps,
+            inner_lr=body.inner_lr,
+            idempotency=key,
+        ),
     )
-    return AdaptResponse.model_validate(version)
+    return AdaptResponse.model_validate(replayed(created, response))
 
 
-@router.post("/v1/clients/{client_id}/readaptations", status_code=201, tags=["clients"])
+@router.post(
+    "/v1/clients/{client_id}/readaptations",
+    status_code=201,
+    tags=["clients"],
+    responses={201: {"headers": CREATED_HEADERS}},
+)
 def readapt(
     client_id: ClientId,
     session: SessionDep,
     runtime: RuntimeDep,
     tenant_id: TenantDep,
+    idempotency: IdempotencyDep,
+    response: Response,
     body: Annotated[ReadaptRequest | None, Body()] = None,
 ) -> AdaptResponse:
     """Adapt a stored support set again to the meta-model as loaded now (after its
     artifact was replaced, say); the result is the client's new version. No body (or
     ``{}``): the current version's support set and the meta-model's defaults."""
-    body = body or ReadaptRequest.model_validate({})
-    version = usecases.adapt.readapt(
+    request = body or ReadaptRequest.model_validate({})
+    created = usecases.idempotency.once(
         session=session,
         runtime=runtime,
         tenant_id=tenant_id,
-        client_id=client_id,
-        version=body.version,
-        inner_steps=body.inner_steps,
-        inner_lr=body.inner_lr,
+        key=idempotency,
+        create=lambda key: usecases.adapt.readapt(
+            session=session,
+            runtime=runtime,
+            tenant_id=tenant_id,
+            client_id=client_id,
+            version=request.version,
+            inner_steps=request.inner_steps,
+            inner_lr=request.inner_lr,
+            idempotency=key,
+        ),
     )
-    return AdaptResponse.model_validate(version)
+    return AdaptResponse.model_validate(replayed(created, response))
 
 
-@router.get("/v1/clients/{client_id}/predictions", tags=["clients"])
+@router.get(
+    "/v1/clients/{client_id}/predictions",
+    tags=["clients"],
+    responses={200: {"headers": PREDICTION_HEADERS}},
+)
 def predict_query(
     client_id: ClientId,
     x: Annotated[list[QueryNumber], Query(description="One value per 1-D input.")],
     session: SessionDep,
     runtime: RuntimeDep,
     tenant_id: TenantDep,
+    response: Response,
     version: Annotated[
         int | None, Query(ge=1, le=MAX_VERSION, description="Default: the current version.")
     ] = None,
@@ -128,16 +189,21 @@ def predict_query(
         version=version,
         field="x",
     )
-    return PredictionResponse.model_validate(prediction)
+    return etag(prediction, response)
 
 
-@router.post("/v1/clients/{client_id}/predictions", tags=["clients"])
+@router.post(
+    "/v1/clients/{client_id}/predictions",
+    tags=["clients"],
+    responses={200: {"headers": PREDICTION_HEADERS}},
+)
 def predict(
     client_id: ClientId,
     body: PredictionRequest,
     session: SessionDep,
     runtime: RuntimeDep,
     tenant_id: TenantDep,
+    response: Response,
 ) -> PredictionResponse:
     """Predictions of the current version, or of ``version``."""
     prediction = usecases.predict.predict(
@@ -148,7 +214,7 @@ def predict(
         inputs=body.inputs,
         version=body.version,
     )
-    return PredictionResponse.model_validate(prediction)
+    return etag(prediction, response)
 
 
 @router.get("/v1/clients/{client_id}", tags=["clients"])

@@ -5,7 +5,16 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictInt, StrictStr, Tag
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictInt,
+    StrictStr,
+    Tag,
+)
 
 # A JSON number: no strings, no booleans, no NaN or infinity (Python's json accepts them).
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
@@ -47,6 +56,13 @@ Label = StrictInt | StrictStr
 MAX_VERSION = 2**31 - 1  # the INTEGER column's range
 ORIGIN = 'How the version was made: "adapt", "readapt", "examples", "rollback" or "reconcile".'
 SOURCE_VERSION = "The version a readapt, examples, rollback or reconcile started from; else null."
+VERSION_ID = "The version's identity: 32 hex digits, never reused (a client deleted and "
+VERSION_ID += "re-created starts at version 1 again, with new ids); predictions' ETag."
+
+
+def version_id() -> Any:
+    """The ``version_id`` field, read from a stored version's ``uid``."""
+    return Field(validation_alias=AliasChoices("version_id", "uid"), description=VERSION_ID)
 
 
 class Request(BaseModel):
@@ -99,6 +115,7 @@ class ReadaptRequest(Request):
 class AdaptResponse(Response):
     client_id: str
     version: int
+    version_id: str = version_id()
     meta_model: str
     meta_model_version: str
     support_size: int
@@ -131,6 +148,7 @@ class ClassPrediction(Response):
 class PredictionResponse(Response):
     client_id: str
     version: int
+    version_id: str = version_id()
     predictions: list[float] | list[list[float]] | list[ClassPrediction] = Field(
         description="One float per input for single-output regression; a label with "
         "probabilities per input for classification."
@@ -139,6 +157,7 @@ class PredictionResponse(Response):
 
 class VersionResponse(Response):
     version: int
+    version_id: str = version_id()
     meta_model: str
     meta_model_version: str
     support_size: int

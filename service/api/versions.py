@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 
 from service import usecases
-from service.api.deps import ClientId, RuntimeDep, SessionDep, TenantDep
+from service.api.deps import ClientId, IdempotencyDep, RuntimeDep, SessionDep, TenantDep
+from service.api.routes import CREATED_HEADERS, replayed
 from service.api.schemas import (
     AdaptResponse,
     ClientList,
@@ -95,7 +96,9 @@ def list_versions(
 
 
 @router.post(
-    "/v1/clients/{client_id}/rollback", status_code=201, responses=_errors(404, 409, 422, 503)
+    "/v1/clients/{client_id}/rollback",
+    status_code=201,
+    responses={**_errors(404, 409, 422, 503), 201: {"headers": CREATED_HEADERS}},
 )
 def rollback(
     client_id: ClientId,
@@ -103,25 +106,34 @@ def rollback(
     session: SessionDep,
     runtime: RuntimeDep,
     tenant_id: TenantDep,
+    idempotency: IdempotencyDep,
+    response: Response,
 ) -> AdaptResponse:
     """Make an older version current again: a new version copies its parameters, support
     set, labels and meta-model (``origin`` "rollback", ``source_version`` that version),
     so the history stays append-only. 404 for a version that is not stored (never made,
-    or pruned)."""
-    row = usecases.versions.rollback(
+    or pruned). With an ``Idempotency-Key``, a retry answers the first response."""
+    created = usecases.idempotency.once(
         session=session,
         runtime=runtime,
         tenant_id=tenant_id,
-        client_id=client_id,
-        version=body.version,
+        key=idempotency,
+        create=lambda key: usecases.versions.rollback(
+            session=session,
+            runtime=runtime,
+            tenant_id=tenant_id,
+            client_id=client_id,
+            version=body.version,
+            idempotency=key,
+        ),
     )
-    return AdaptResponse.model_validate(row)
+    return AdaptResponse.model_validate(replayed(created, response))
 
 
 @router.post(
     "/v1/clients/{client_id}/examples",
     status_code=201,
-    responses=_errors(404, 408, 409, 413, 422, 503),
+    responses={**_errors(404, 408, 409, 413, 422, 503), 201: {"headers": CREATED_HEADERS}},
 )
 def add_examples(
     client_id: ClientId,
@@ -129,20 +141,30 @@ def add_examples(
     session: SessionDep,
     runtime: RuntimeDep,
     tenant_id: TenantDep,
+    idempotency: IdempotencyDep,
+    response: Response,
 ) -> AdaptResponse:
     """Add examples to the current version's support set and adapt the whole set anew
     from the meta-model's initialisation (same meta-model name, its inner-loop defaults
     unless given): the result is the client's new version (``origin`` "examples"). The
     combined set is bounded by ``FASTADAPT_MAX_SUPPORT`` (422 naming ``inputs`` above);
-    classification labels may be new, up to the meta-model's ``max_way``."""
-    row = usecases.versions.add_examples(
+    classification labels may be new, up to the meta-model's ``max_way``. With an
+    ``Idempotency-Key``, a retry answers the first response and adapts nothing."""
+    created = usecases.idempotency.once(
         session=session,
         runtime=runtime,
         tenant_id=tenant_id,
-        client_id=client_id,
-        inputs=body.inputs,
-        targets=body.targets,
-        inner_steps=body.inner_steps,
-        inner_lr=body.inner_lr,
+        key=idempotency,
+        create=lambda key: usecases.versions.add_examples(
+            session=session,
+            runtime=runtime,
+            tenant_id=tenant_id,
+            client_id=client_id,
+            inputs=body.inputs,
+            targets=body.targets,
+            inner_steps=body.inner_steps,
+            inner_lr=body.inner_lr,
+            idempotency=key,
+        ),
     )
-    return AdaptResponse.model_validate(row)
+    return AdaptResponse.model_validate(replayed(created, response))

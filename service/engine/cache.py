@@ -1,11 +1,14 @@
 """Adapted parameters on the device: an LRU cache with a byte budget.
 
 An entry is one client version's fast params flattened into one tensor (the engine's
-``BytesPacker`` lays them out), keyed by (tenant_id, client_id, version). A version is
-immutable, so a key never goes stale: a new version is a new key. ``forget(tenant,
-client)`` drops every version of a client, and a load that started before the forget is
-not cached when it finishes (a re-created client with the same id and version 1 must
-not be served the old one).
+``BytesPacker`` lays them out), keyed by (tenant_id, client_id, uid). A version is
+immutable and its uid is never reused, so a key never goes stale and never comes back:
+a new version, or a client deleted and re-created, is a new key in every process, which
+is what keeps a server from serving a deleted model another server's delete never told
+it about. ``forget(tenant, client)`` drops every cached version of a client, and a load
+that started before the forget is not cached when it finishes: no longer needed for
+correctness (such an entry's key could never be asked for again), this only frees a
+deleted client's bytes at once instead of when the LRU gets to them.
 """
 
 from __future__ import annotations

@@ -5,12 +5,13 @@ queue raises ``Unavailable`` at once. The device worker runs queued jobs as
 micro-batches and completes their futures, which sync code waits on with ``.result()``
 and asyncio with ``asyncio.wrap_future``.
 
-The params cache keeps one rule: a client's params that were computed or read before a
-``forget`` of that client are never cached after it (a client re-created under the same
-id, version 1 again, must never be served the old version 1). An adaptation takes its
-ticket when it is submitted, a prediction's miss when it is refused with ``NotCached``
-(before its caller reads the stored params); both travel inside what the caller hands
-back, so callers never see them.
+The params cache is keyed by each version's uid, which is never reused: a client deleted
+and re-created (version 1 again) has new keys, so no process, whether or not it heard of
+the delete, can answer it from an old entry. ``forget`` only frees a deleted client's
+bytes early; its tickets keep params computed or read before a ``forget`` from being
+cached after it (entries nobody could ask for). An adaptation takes its ticket when it is
+submitted, a prediction's miss when it is refused with ``NotCached``; both travel inside
+what the caller hands back, so callers never see them.
 """
 
 from __future__ import annotations
@@ -141,10 +142,10 @@ class Engine:
         return queued.future
 
     def stored(self, adapted: Adapted, key: Key) -> bool:
-        """``adapted``'s params are now stored as client version ``key``: cache them, so
-        its first prediction reads no database; not if its client was forgotten since the
-        adaptation was submitted. A version is immutable, so its key is never stale.
-        True if cached."""
+        """``adapted``'s params are now stored as client version ``key`` (its uid): cache
+        them, so its first prediction reads no database; not if its client was forgotten
+        since the adaptation was submitted. A version is immutable and its uid never
+        reused, so its key is never stale. True if cached."""
         runner = self.runners[adapted.meta_model]
         fast = runner.fast_params(adapted.params).to(self.device)
         return self.cache.put(key, fast, adapted.ticket)
@@ -156,7 +157,8 @@ class Engine:
         return self.cache.ticket()
 
     def forget(self, tenant_id: str, client_id: str) -> None:
-        """Never serve any cached version of this client again (call after the delete)."""
+        """Drop every cached version of this client (call after the delete). Uid keys
+        already keep them from being served again; this frees their bytes now."""
         self.cache.forget(tenant_id, client_id)
 
     def stats(self) -> EngineStats:

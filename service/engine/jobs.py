@@ -12,7 +12,10 @@ from dataclasses import dataclass, field, replace
 
 from torch import Tensor
 
-Key = tuple[str, str, int]  # (tenant_id, client_id, version)
+# (tenant_id, client_id, uid): the uid is the version's identity, never reused (a client
+# deleted and re-created gets version 1 again, never the same uid), so a cache keyed by it
+# can never answer a re-created client with a deleted one's params, in any process.
+Key = tuple[str, str, str]
 
 # Inputs for the engine: (N, D) rows of finite floats, D = prod(input_shape), kept as
 # Python lists; or an (N, *input_shape) float32 tensor on the CPU (images, arrays).
@@ -48,7 +51,7 @@ class Adapted:
 @dataclass(frozen=True)
 class PredictJob:
     meta_model: str  # name of a loaded meta-model
-    key: Key  # the client version whose params predict
+    key: Key  # the client version (its uid) whose params predict
     inputs: Inputs  # (Q, D) rows or (Q, *input_shape)
     params: bytes | None = None  # its stored safetensors; None: from the cache, if there
     ticket: int | None = field(default=None, repr=False)  # the engine's own (see NotCached)

@@ -120,4 +120,4 @@ class ModelRunner:
         for batch in (works * 2, works):
             done = self.adapt(batch)
         fast = self.fast_params(done[0].params).to(self.device)
-        self.predict([PredictWork(inputs, fast, ("", "", 0), None)])
+        self.predict([PredictWork(inputs, fast, ("", "", ""), None)])

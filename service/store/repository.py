@@ -30,7 +30,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, selectinload
 
 from service.errors import NotFound
-from service.store.tables import Client, ClientVersion, utcnow
+from service.store.tables import Client, ClientVersion, new_uid, utcnow
 
 
 def append_versions(
@@ -52,10 +52,13 @@ def append_versions(
     clients are locked in (tenant, client) order, so two writers cannot deadlock. Core
     statements compiled once, executed as ``executemany``: per row, the ORM's unit of
     work costs more than the database. The rows stay out of the session; each gets its
-    ``version``.
+    ``version``, and its ``uid`` unless it has one.
     """
     if not rows:
         return
+    for row in rows:
+        if row.uid is None:
+            row.uid = new_uid()
     now = utcnow()
     keys = sorted({(row.tenant_id, row.client_id) for row in rows})
     connection = session.connection()
@@ -162,14 +165,41 @@ def get_version(
     return session.scalars(stmt).one_or_none()
 
 
-def load_params(*, session: Session, tenant_id: str, client_id: str, version: int) -> bytes | None:
-    """The adapted parameters (safetensors bytes) of one version."""
+def load_params(*, session: Session, tenant_id: str, uid: str) -> bytes | None:
+    """The adapted parameters (safetensors bytes) of the version ``uid`` (of the tenant):
+    by identity, so a version deleted meanwhile is never answered with its successor's."""
     stmt = select(ClientVersion.params).where(
-        ClientVersion.tenant_id == tenant_id,
-        ClientVersion.client_id == client_id,
-        ClientVersion.version == version,
+        ClientVersion.tenant_id == tenant_id, ClientVersion.uid == uid
     )
     return session.scalars(stmt).one_or_none()
+
+
+def find_idempotent(
+    *, session: Session, tenant_id: str, idempotency_key: str
+) -> ClientVersion | None:
+    """The tenant's version made by the request with this ``Idempotency-Key``, if stored."""
+    stmt = select(ClientVersion).where(
+        ClientVersion.tenant_id == tenant_id, ClientVersion.idempotency_key == idempotency_key
+    )
+    return session.scalars(stmt).one_or_none()
+
+
+def release_idempotency_key(
+    *, session: Session, tenant_id: str, idempotency_key: str, made_before: datetime
+) -> int:
+    """Forget the key on a version made before ``made_before`` (it expired), so that a new
+    request may use it; the number of versions released (0 or 1)."""
+    stmt = (
+        update(ClientVersion)
+        .where(
+            ClientVersion.tenant_id == tenant_id,
+            ClientVersion.idempotency_key == idempotency_key,
+            ClientVersion.created_at < made_before,
+        )
+        .values(idempotency_key=None, request_hash=None)
+        .execution_options(synchronize_session=False)
+    )
+    return int(getattr(session.execute(stmt), "rowcount", 0) or 0)
 
 
 def client_exists(*, session: Session, tenant_id: str, client_id: str) -> bool:

@@ -3,12 +3,16 @@
 A client is keyed by ``(tenant_id, client_id)``: the tenant is the API key's (everyone
 is ``DEFAULT_TENANT`` when a loopback server runs without keys). Each adaptation adds an
 immutable ``ClientVersion`` (1, 2, 3, ...); ``Client.current_version`` is the newest.
+A version's number comes back when a client is deleted and re-created; its ``uid`` (32
+random hex digits) never does: caches and ETags key on it. A version made by a request
+with an ``Idempotency-Key`` keeps the key and the request's hash, unique per tenant.
 Support sets are stored as JSON text, exactly the numbers the client sent; adapted
 parameters as safetensors bytes. ``ApiKey`` holds a tenant's keys as SHA-256 hashes.
 """
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime
 
 from sqlalchemy import (
@@ -23,6 +27,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -41,6 +46,11 @@ NAMING = {
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def new_uid() -> str:
+    """A client version's identity: 32 lowercase hex digits (a random UUID), never reused."""
+    return uuid.uuid4().hex
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -89,11 +99,16 @@ class ClientVersion(Base):
             ["clients.tenant_id", "clients.client_id"],
             ondelete="CASCADE",
         ),
+        UniqueConstraint("tenant_id", "idempotency_key"),
     )
 
     tenant_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     client_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     version: Mapped[int] = mapped_column(Integer, primary_key=True)  # 1, 2, 3, ... per client
+    # -- identity (issue 11): never reused, unlike (client_id, version) ---------------------
+    uid: Mapped[str] = mapped_column(String(32), unique=True, default=new_uid)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), default=None)
+    request_hash: Mapped[str | None] = mapped_column(String(64), default=None)  # sha256 hex
 
     meta_model: Mapped[str] = mapped_column(String(128))
     meta_model_version: Mapped[str] = mapped_column(String(64))  # sha256 of its weights

@@ -7,7 +7,16 @@ client's previous version current and intact. Requests arrive validated, as the 
 objects of ``service.requests``.
 """
 
-from service.usecases import adapt, census, clients, keys, meta_models, predict, versions
+from service.usecases import (
+    adapt,
+    census,
+    clients,
+    idempotency,
+    keys,
+    meta_models,
+    predict,
+    versions,
+)
 from service.usecases.runtime import DEFAULT_TENANT, Runtime
 
 __all__ = [
@@ -16,6 +25,7 @@ __all__ = [
     "adapt",
     "census",
     "clients",
+    "idempotency",
     "keys",
     "meta_models",
     "predict",

@@ -14,7 +14,8 @@ from service.engine import Adapted
 from service.errors import Conflict, InvalidInput
 from service.requests import Adaptation, RawInput, RawTarget
 from service.store import repository
-from service.store.tables import ClientVersion, utcnow
+from service.store.tables import ClientVersion, new_uid, utcnow
+from service.usecases.idempotency import IdempotencyKey, stamp
 from service.usecases.runtime import Runtime, missing, storing
 
 
@@ -32,9 +33,11 @@ def adapt(
     inner_lr: float | None = None,
     origin: str = "adapt",
     source_version: int | None = None,
+    idempotency: IdempotencyKey | None = None,
 ) -> ClientVersion:
     """Adapt the meta-model to the support set and store the result as the next version
-    (made by ``origin``, from ``source_version``: see ``ClientVersion``)."""
+    (made by ``origin``, from ``source_version``: see ``ClientVersion``; recording
+    ``idempotency``'s key with it: see ``usecases.idempotency``)."""
     request = requests.adaptation(
         meta_models=runtime.meta_models,
         settings=runtime.settings,
@@ -53,11 +56,12 @@ def adapt(
         )
     row = version_row(tenant_id=tenant_id, client_id=client_id, request=request, adapted=adapted)
     row.origin, row.source_version = origin, source_version
+    stamp(row, idempotency)
     try:
         runtime.commits.append(session=session, row=row)  # committed with concurrent ones
     except IntegrityError:  # the row lock makes this unexpected; the primary key still holds
         raise Conflict(f"client {client_id!r} was adapted concurrently; retry") from None
-    runtime.engine.stored(adapted, (tenant_id, client_id, row.version))  # its first prediction
+    runtime.engine.stored(adapted, (tenant_id, client_id, row.uid))  # its first prediction
     return row
 
 
@@ -71,6 +75,7 @@ def readapt(
     version: int | None = None,
     inner_steps: int | None = None,
     inner_lr: float | None = None,
+    idempotency: IdempotencyKey | None = None,
 ) -> ClientVersion:
     """Adapt a stored version's support set again (the current version's by default) to
     the meta-model of the same name as loaded now, with that meta-model's inner-loop
@@ -97,6 +102,7 @@ def readapt(
         inner_lr=inner_lr,
         origin="readapt",
         source_version=source,
+        idempotency=idempotency,
     )
 
 
@@ -106,6 +112,7 @@ def version_row(
     """A client's next version, not yet stored: the adapted params, the support set as the
     client sent it, the labels, the inner-loop settings and losses."""
     return ClientVersion(
+        uid=new_uid(),
         tenant_id=tenant_id,
         client_id=client_id,
         meta_model=request.model.name,

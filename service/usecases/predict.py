@@ -26,6 +26,7 @@ class LabelPrediction:
 class Prediction:
     client_id: str
     version: int
+    version_id: str  # the version's uid: never reused (the ETag)
     # one float per input for a single output; a LabelPrediction per input for classification
     predictions: list[float] | list[list[float]] | list[LabelPrediction]
 
@@ -58,15 +59,13 @@ def predict(
         )
     x = requests.model_inputs(model, inputs, field=field, settings=runtime.settings)
     labels = row.labels
-    number = row.version
+    number, uid = row.version, row.uid
     session.close()  # no connection is held while the engine works
-    job = PredictJob(model.name, (tenant_id, client_id, number), x)
+    job = PredictJob(model.name, (tenant_id, client_id, uid), x)
     try:
         future = runtime.engine.submit_predict(job)
     except NotCached as miss:  # read the stored params, in this thread, and submit again
-        params = repository.load_params(
-            session=session, tenant_id=tenant_id, client_id=client_id, version=number
-        )
+        params = repository.load_params(session=session, tenant_id=tenant_id, uid=uid)
         session.close()
         if params is None:
             raise NotFound(f"unknown client {client_id!r}") from None
@@ -75,9 +74,9 @@ def predict(
     if not all(math.isfinite(v) for out in outputs for v in out):
         raise InvalidInput(field, "the predictions are not finite for these inputs")
     if labels is not None:
-        return Prediction(client_id, number, [classify(out, labels) for out in outputs])
+        return Prediction(client_id, number, uid, [classify(out, labels) for out in outputs])
     single = all(len(out) == 1 for out in outputs)
-    return Prediction(client_id, number, [out[0] for out in outputs] if single else outputs)
+    return Prediction(client_id, number, uid, [out[0] for out in outputs] if single else outputs)
 
 
 def classify(logits: list[float], labels: list[Label]) -> LabelPrediction:

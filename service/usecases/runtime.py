@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import ParamSpec, TypeVar
 
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
@@ -14,7 +16,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
 from service.engine import Engine
-from service.errors import NotFound, Unavailable
+from service.errors import Conflict, NotFound, Unavailable
 from service.requests import MetaModels
 from service.settings import Settings
 from service.store import repository
@@ -25,7 +27,35 @@ T = TypeVar("T")
 P = ParamSpec("P")
 WAIT_GRACE_S = 5.0  # waited past a job's deadline, by when the engine has expired it (503)
 DATABASE_RETRY_AFTER_S = 5.0  # Retry-After while the database is unreachable
+IN_FLIGHT_RETRY_AFTER_S = 1.0  # Retry-After of a duplicate of a request still in flight
 log = logging.getLogger(__name__)
+
+
+class InFlight:
+    """The ``Idempotency-Key`` s this process is serving now, per tenant: a duplicate that
+    arrives meanwhile is refused with a retryable 409 instead of adapting twice. (Across
+    processes the database's unique key on the version decides, and the loser replays.)"""
+
+    def __init__(self) -> None:
+        self._held: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def hold(self, tenant_id: str, key: str) -> Iterator[None]:
+        held = (tenant_id, key)
+        with self._lock:
+            if held in self._held:
+                raise Conflict(
+                    "a request with this Idempotency-Key is still in progress; retry to "
+                    "get its response",
+                    retry_after=IN_FLIGHT_RETRY_AFTER_S,
+                )
+            self._held.add(held)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held.discard(held)
 
 
 @dataclass(frozen=True)
@@ -36,6 +66,7 @@ class Runtime:
     commits: GroupCommit  # new versions' shared commits
     meta_models: MetaModels  # loaded at start-up, by name
     settings: Settings
+    in_flight: InFlight = field(default_factory=InFlight)  # idempotency keys being served
 
     def wait(self, future: Future[T]) -> T:
         """The engine's answer, or ``Unavailable`` once it is overdue."""

@@ -24,8 +24,9 @@ from service.errors import Conflict, InvalidInput, NotFound
 from service.requests import RawInput, RawTarget
 from service.store import repository
 from service.store.repository import ClientSummary
-from service.store.tables import ClientVersion, utcnow
+from service.store.tables import ClientVersion, new_uid, utcnow
 from service.usecases import adapt
+from service.usecases.idempotency import IdempotencyKey, stamp
 from service.usecases.runtime import Runtime, missing, storing
 
 T = TypeVar("T")
@@ -109,7 +110,13 @@ def _decode(cursor: str, kind: str, type_: type[T]) -> T:
 # -- rollback --------------------------------------------------------------------------------
 @storing
 def rollback(
-    *, session: Session, runtime: Runtime, tenant_id: str, client_id: str, version: int
+    *,
+    session: Session,
+    runtime: Runtime,
+    tenant_id: str,
+    client_id: str,
+    version: int,
+    idempotency: IdempotencyKey | None = None,
 ) -> ClientVersion:
     """Make ``version`` current again: a new version that copies its parameters, support
     set, labels, meta-model and record (origin "rollback"), so history stays append-only.
@@ -121,6 +128,7 @@ def rollback(
     if source is None:
         raise missing(session=session, tenant_id=tenant_id, client_id=client_id, version=version)
     row = ClientVersion(
+        uid=new_uid(),  # a version of its own: never the source's identity
         tenant_id=tenant_id,
         client_id=client_id,
         meta_model=source.meta_model,
@@ -139,6 +147,7 @@ def rollback(
         origin="rollback",
         source_version=version,
     )
+    stamp(row, idempotency)
     session.close()  # nothing pending: the copy is appended through the group commit
     try:
         runtime.commits.append(session=session, row=row)
@@ -156,7 +165,7 @@ def rollback(
             meta_model=row.meta_model,
             ticket=ticket,
         )
-        runtime.engine.stored(copy, (tenant_id, client_id, row.version))
+        runtime.engine.stored(copy, (tenant_id, client_id, row.uid))
     return row
 
 
@@ -172,6 +181,7 @@ def add_examples(
     targets: Sequence[RawTarget],
     inner_steps: int | None = None,
     inner_lr: float | None = None,
+    idempotency: IdempotencyKey | None = None,
 ) -> ClientVersion:
     """The current support set plus these examples, adapted anew from the
     meta-initialisation of the same meta-model name (MAML's semantics: one adaptation of
@@ -210,6 +220,7 @@ def add_examples(
             inner_lr=inner_lr,
             origin="examples",
             source_version=source,
+            idempotency=idempotency,
         )
     except InvalidInput as error:
         raise _as_examples(error, len(stored_inputs)) from None

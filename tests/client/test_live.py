@@ -123,6 +123,32 @@ def test_numbers_adapt_predict_history_readapt_delete(
     assert missing.value.status == 404 and missing.value.type == "not_found"
 
 
+def test_an_adaptation_retried_with_its_key_is_done_once(api: Client) -> None:
+    """A retry of the same logical call (the same Idempotency-Key, as the client's own
+    retries send) answers the first version; a new call adapts anew."""
+    client_id = new_id("retry")
+    key = uuid.uuid4().hex
+    first = api.adapt(
+        client_id, meta_model="sinusoid", inputs=SUPPORT_X, targets=SUPPORT_Y, idempotency_key=key
+    )
+    again = api.adapt(
+        client_id, meta_model="sinusoid", inputs=SUPPORT_X, targets=SUPPORT_Y, idempotency_key=key
+    )
+    assert again == first
+    assert [v.version_id for v in api.history(client_id).versions] == [first.version_id]
+    with pytest.raises(InvalidInput, match="Idempotency-Key"):  # the key, another request
+        api.adapt(
+            client_id,
+            meta_model="sinusoid",
+            inputs=SUPPORT_X,
+            targets=SUPPORT_Y[::-1],
+            idempotency_key=key,
+        )
+    fresh = api.adapt(client_id, meta_model="sinusoid", inputs=SUPPORT_X, targets=SUPPORT_Y)
+    assert fresh.version == 2 and fresh.version_id != first.version_id
+    api.delete(client_id)
+
+
 def test_png_images_from_paths_and_bytes_with_string_labels(api: Client, tmp_path: Path) -> None:
     images = {kind: png(kind) for kind in "hvd"}
     paths = []
@@ -230,5 +256,8 @@ def test_no_server_is_a_transport_error() -> None:
     assert waits == [0.5, 1.0]  # GET: retried twice, backing off
     waits.clear()
     with Client(url, sleep=waits.append) as api, pytest.raises(TransportError):
+        api.predict("alice", inputs=[[0.0]])
+    assert waits == []  # a POST without an Idempotency-Key: never retried after a lost connection
+    with Client(url, sleep=waits.append) as api, pytest.raises(TransportError):
         api.adapt("alice", meta_model="sinusoid", inputs=[[0.0]], targets=[0.0])
-    assert waits == []  # POST: never retried after a lost connection
+    assert waits == [0.5, 1.0]  # adapt sends a key: retried as a GET is

@@ -42,6 +42,7 @@ HISTORY = {
 ADAPTED = {
     "client_id": "alice",
     "version": 1,
+    "version_id": "0123456789abcdef0123456789abcdef",
     "meta_model": "sinusoid",
     "meta_model_version": "abc",
     "support_size": 1,
@@ -179,15 +180,49 @@ def test_a_get_and_a_delete_are_retried_after_a_lost_connection(lost: Exception)
 
 
 @pytest.mark.parametrize("lost", [httpx.ConnectError("refused"), httpx.ReadTimeout("slow")])
-def test_a_post_is_never_retried_after_a_lost_connection(lost: Exception) -> None:
-    stub = Stub([lost, httpx.Response(201, json=ADAPTED)])
+def test_a_post_without_an_idempotency_key_is_never_retried_after_a_lost_connection(
+    lost: Exception,
+) -> None:
+    stub = Stub([lost, httpx.Response(200, json={})])
     api, waits = stub.client()
     with pytest.raises(TransportError) as caught:
-        adapt(api)
+        api.predict("alice", inputs=[[0.0]])
     assert caught.value.__cause__ is lost and caught.value.status is None
     assert waits == [] and len(stub.requests) == 1
-    with pytest.raises(TransportError):
-        Stub([lost]).client()[0].predict("alice", inputs=[[0.0]])
+    assert "Idempotency-Key" not in stub.requests[0].headers
+
+
+@pytest.mark.parametrize("lost", [httpx.ConnectError("refused"), httpx.ReadTimeout("slow")])
+def test_adapt_and_readapt_send_one_key_per_call_and_retry_with_it(lost: Exception) -> None:
+    stub = Stub(
+        [
+            lost,
+            error(409, "conflict", {"Retry-After": "1"}),  # the first try is still running
+            httpx.Response(201, json=ADAPTED, headers={"Idempotent-Replayed": "true"}),
+            httpx.Response(201, json=ADAPTED),  # a second call
+            lost,
+            httpx.Response(201, json=ADAPTED),  # readapt, retried
+        ]
+    )
+    api, waits = stub.client(max_retries=3)
+    assert adapt(api).version == 1
+    adapt(api)
+    api.readapt("alice", idempotency_key="mine")
+    keys = [r.headers["Idempotency-Key"] for r in stub.requests]
+    assert keys[0] == keys[1] == keys[2] and len(keys[0]) == 32  # one logical call, one key
+    assert keys[3] != keys[0]  # a new call, a new key
+    assert keys[4] == keys[5] == "mine"
+    assert waits == [0.5, 1.0, 0.5]
+
+
+def test_a_409_is_final_without_retry_after_or_without_a_key() -> None:
+    stub = Stub([error(409, "conflict"), error(409, "conflict", {"Retry-After": "1"})])
+    api, waits = stub.client()
+    with pytest.raises(Conflict):
+        adapt(api)  # a stale meta-model, say: retrying would not help
+    with pytest.raises(Conflict):
+        api.predict("alice", inputs=[[0.0]])  # not keyed
+    assert waits == [] and len(stub.requests) == 2
 
 
 def test_the_async_client_retries_alike() -> None:
@@ -199,15 +234,21 @@ def test_the_async_client_retries_alike() -> None:
                 httpx.ConnectError("refused"),
                 httpx.Response(200, json=HISTORY),
                 httpx.ConnectError("refused"),
+                httpx.Response(201, json=ADAPTED),
+                httpx.ConnectError("refused"),
             ]
         )
         api, waits = stub.async_client()
         async with api:
             assert (await api.history("alice")).current_version == 1
             assert (await api.history("alice")).current_version == 1
+            adapted = await api.adapt("alice", meta_model="sinusoid", inputs=[[0.0]], targets=[0.0])
+            assert adapted.version_id == ADAPTED["version_id"]
             with pytest.raises(TransportError):
-                await api.adapt("alice", meta_model="sinusoid", inputs=[[0.0]], targets=[0.0])
-        assert waits == [2.0, 0.5] and len(stub.requests) == 5
+                await api.predict("alice", inputs=[[0.0]])
+        assert waits == [2.0, 0.5, 0.5] and len(stub.requests) == 7
+        first, retried = stub.requests[4:6]
+        assert first.headers["Idempotency-Key"] == retried.headers["Idempotency-Key"]
 
     asyncio.run(scenario())
 
@@ -321,7 +362,7 @@ def test_what_each_method_sends(tmp_path: Path) -> None:
         "inner_steps": 4,
     }
 
-    prediction = {"client_id": "alice", "version": 2, "predictions": [0.5, 1.5]}
+    prediction = {"client_id": "alice", "version": 2, "version_id": "v", "predictions": [0.5]}
     sent = record(
         lambda api: api.predict("alice", inputs=np.array([[1.0], [2.0]]), version=2),
         httpx.Response(200, json=prediction),

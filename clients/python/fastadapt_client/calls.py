@@ -4,8 +4,9 @@ the answer) without sending anything. ``Client`` and ``AsyncClient`` only send t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 from urllib.parse import quote, urlencode
 
@@ -32,6 +33,7 @@ from fastadapt_client.models import (
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
+IDEMPOTENCY_KEY = "Idempotency-Key"
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,16 @@ class Call(Generic[T]):
     path: str  # below the base URL, e.g. /v1/clients/alice
     parse: Callable[[httpx.Response], T]  # reads a success response
     json: dict[str, Any] | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)  # besides the client's own
+
+
+def new_idempotency_key() -> str:
+    """A fresh key for one logical call: every retry of that call sends the same one."""
+    return uuid.uuid4().hex
+
+
+def _keyed(idempotency_key: str | None) -> dict[str, str]:
+    return {IDEMPOTENCY_KEY: idempotency_key or new_idempotency_key()}
 
 
 def list_meta_models() -> Call[list[MetaModelResponse]]:
@@ -59,7 +71,9 @@ def adapt(
     images: Sequence[ImageInput] | None = None,
     inner_steps: int | None = None,
     inner_lr: float | None = None,
+    idempotency_key: str | None = None,
 ) -> Call[AdaptResponse]:
+    """``idempotency_key``: None makes a fresh one for this call (sent on every retry)."""
     body = AdaptRequest(
         meta_model=meta_model,
         support=SupportSet(
@@ -69,7 +83,8 @@ def adapt(
         inner_steps=inner_steps,
         inner_lr=inner_lr,
     )
-    return Call("POST", f"{_client(client_id)}/adaptations", _reader(AdaptResponse), _json(body))
+    path = f"{_client(client_id)}/adaptations"
+    return Call("POST", path, _reader(AdaptResponse), _json(body), _keyed(idempotency_key))
 
 
 def predict(
@@ -95,9 +110,12 @@ def readapt(
     version: int | None = None,
     inner_steps: int | None = None,
     inner_lr: float | None = None,
+    idempotency_key: str | None = None,
 ) -> Call[AdaptResponse]:
+    """``idempotency_key``: None makes a fresh one for this call (sent on every retry)."""
     body = ReadaptRequest(version=version, inner_steps=inner_steps, inner_lr=inner_lr)
-    return Call("POST", f"{_client(client_id)}/readaptations", _reader(AdaptResponse), _json(body))
+    path = f"{_client(client_id)}/readaptations"
+    return Call("POST", path, _reader(AdaptResponse), _json(body), _keyed(idempotency_key))
 
 
 def list_clients(

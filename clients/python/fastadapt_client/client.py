@@ -15,7 +15,7 @@ from typing import Any, Self, TypeVar
 import httpx
 
 from fastadapt_client import calls
-from fastadapt_client.calls import Call
+from fastadapt_client.calls import IDEMPOTENCY_KEY, Call
 from fastadapt_client.errors import REQUEST_ID_HEADER, FastAdaptError, TransportError, from_response
 from fastadapt_client.inputs import ImageInput, NumericInput
 from fastadapt_client.models import (
@@ -72,7 +72,7 @@ class _Base:
             "method": call.method,
             "url": self.base_url + call.path,
             "json": call.json,
-            "headers": self._headers,
+            "headers": {**self._headers, **call.headers} if call.headers else self._headers,
             "timeout": self._timeout,
         }
 
@@ -147,7 +147,7 @@ class Client(_Base):
 
     def send(self, call: Call[T]) -> T:
         """Send a call, retrying as the policy allows (see ``retry``); raise its error."""
-        attempts = self.retry.attempts(call.method)
+        attempts = self.retry.attempts(call.method, keyed=IDEMPOTENCY_KEY in call.headers)
         while True:
             try:
                 response = self._http.request(**self._request(call))
@@ -179,11 +179,13 @@ class Client(_Base):
         images: Sequence[ImageInput] | None = None,
         inner_steps: int | None = None,
         inner_lr: float | None = None,
+        idempotency_key: str | None = None,
     ) -> AdaptResponse:
         """Adapt ``meta_model`` to a support set: ``inputs`` (rows or arrays of numbers) or
         ``images`` (file paths or bytes), and ``targets`` (numbers, or string or integer
-        labels). The result is the client's new version. Never retried after a lost
-        connection (it might have been carried out)."""
+        labels). The result is the client's new version. Sent with an ``Idempotency-Key``
+        (``idempotency_key``, or a fresh one per call), so retries after a lost connection
+        are safe: the server adapts once and answers every retry with that version."""
         return self.send(
             calls.adapt(
                 client_id,
@@ -193,6 +195,7 @@ class Client(_Base):
                 images=images,
                 inner_steps=inner_steps,
                 inner_lr=inner_lr,
+                idempotency_key=idempotency_key,
             )
         )
 
@@ -218,10 +221,18 @@ class Client(_Base):
         version: int | None = None,
         inner_steps: int | None = None,
         inner_lr: float | None = None,
+        idempotency_key: str | None = None,
     ) -> AdaptResponse:
-        """Adapt a stored support set (the current version's, or ``version``'s) again."""
+        """Adapt a stored support set (the current version's, or ``version``'s) again;
+        keyed, and so safely retried, as ``adapt``."""
         return self.send(
-            calls.readapt(client_id, version=version, inner_steps=inner_steps, inner_lr=inner_lr)
+            calls.readapt(
+                client_id,
+                version=version,
+                inner_steps=inner_steps,
+                inner_lr=inner_lr,
+                idempotency_key=idempotency_key,
+            )
         )
 
     def delete(self, client_id: str) -> None:
@@ -353,7 +364,7 @@ class AsyncClient(_Base):
 
     async def send(self, call: Call[T]) -> T:
         """Send a call, retrying as the policy allows (see ``retry``); raise its error."""
-        attempts = self.retry.attempts(call.method)
+        attempts = self.retry.attempts(call.method, keyed=IDEMPOTENCY_KEY in call.headers)
         while True:
             try:
                 response = await self._http.request(**self._request(call))
@@ -384,6 +395,7 @@ class AsyncClient(_Base):
         images: Sequence[ImageInput] | None = None,
         inner_steps: int | None = None,
         inner_lr: float | None = None,
+        idempotency_key: str | None = None,
     ) -> AdaptResponse:
         return await self.send(
             calls.adapt(
@@ -394,6 +406,7 @@ class AsyncClient(_Base):
                 images=images,
                 inner_steps=inner_steps,
                 inner_lr=inner_lr,
+                idempotency_key=idempotency_key,
             )
         )
 
@@ -419,9 +432,16 @@ class AsyncClient(_Base):
         version: int | None = None,
         inner_steps: int | None = None,
         inner_lr: float | None = None,
+        idempotency_key: str | None = None,
     ) -> AdaptResponse:
         return await self.send(
-            calls.readapt(client_id, version=version, inner_steps=inner_steps, inner_lr=inner_lr)
+            calls.readapt(
+                client_id,
+                version=version,
+                inner_steps=inner_steps,
+                inner_lr=inner_lr,
+                idempotency_key=idempotency_key,
+            )
         )
 
     async def delete(self, client_id: str) -> None:

@@ -71,6 +71,7 @@ class AdaptResponse(Response):
 
     client_id: str
     version: int
+    version_id: str = Field(description="The version's identity: never reused (the ETag).")
     meta_model: str
     meta_model_version: str
     support_size: int
@@ -98,6 +99,7 @@ class ClassPrediction(Response):
 class PredictionResponse(Response):
     client_id: str
     version: int
+    version_id: str = Field(description="The version's identity: never reused (the ETag).")
     predictions: list[float] | list[list[float]] | list[ClassPrediction] = Field(
         description="One float per input (single-output regression), a list of floats per "
         "input (several outputs), or a label with probabilities per input (classification)."
@@ -106,6 +108,7 @@ class PredictionResponse(Response):
 
 class VersionResponse(Response):
     version: int
+    version_id: str = Field(description="The version's identity: never reused (the ETag).")
     meta_model: str
     meta_model_version: str
     support_size: int

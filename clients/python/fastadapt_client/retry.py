@@ -4,8 +4,11 @@ async clients share them and tests need no clock.
 - 429 and 503 are retried for every method: the server did not do the work. The wait is
   the response's ``Retry-After`` (seconds or an HTTP date), else an exponential backoff.
 - No response at all (connection refused or reset, a timeout) is retried only for GET and
-  DELETE: a POST may have been carried out before the connection dropped, and an
-  adaptation is not idempotent (each one makes a new version).
+  DELETE, and for a POST sent with an ``Idempotency-Key`` (``adapt`` and ``readapt`` send
+  one, the same on every retry): any other POST may have been carried out before the
+  connection dropped, and a second one would do it again.
+- 409 with ``Retry-After`` is retried for a keyed POST: the server is still carrying out
+  the first try (the one whose connection dropped); the retry then gets its response.
 - At most ``max_retries`` retries, and at most ``max_wait`` seconds of waiting in all: a
   ``Retry-After`` that would go past it ends the retries at once, and the error is raised.
 """
@@ -19,6 +22,7 @@ import httpx
 from fastadapt_client.errors import retry_after
 
 RETRY_STATUSES = frozenset({429, 503})
+IN_PROGRESS = 409  # with Retry-After, to a keyed POST: its first try is still running
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
 # Failures to get a response at all; an httpx.UnsupportedProtocol or a bad URL is not one.
 RETRY_ERRORS: tuple[type[httpx.TransportError], ...] = (
@@ -41,28 +45,33 @@ class RetryPolicy:
         if self.max_wait < 0:
             raise ValueError("max_wait must be >= 0")
 
-    def attempts(self, method: str) -> Attempts:
-        return Attempts(self, method.upper())
+    def attempts(self, method: str, *, keyed: bool = False) -> Attempts:
+        """The retry state of one call; ``keyed``: a POST with an ``Idempotency-Key``."""
+        return Attempts(self, method.upper(), keyed=keyed)
 
 
 class Attempts:
     """The retry state of one call: ask it after each try whether, and when, to go again."""
 
-    def __init__(self, policy: RetryPolicy, method: str) -> None:
+    def __init__(self, policy: RetryPolicy, method: str, *, keyed: bool = False) -> None:
         self.policy = policy
         self.method = method
+        self.keyed = keyed  # sent with an Idempotency-Key: the server does it at most once
         self.retries = 0
         self.waited = 0.0
 
     def after_response(self, response: httpx.Response) -> float | None:
         """Seconds to wait before retrying, or None: the response is final."""
-        if response.status_code not in RETRY_STATUSES:
+        asked = retry_after(response)
+        in_progress = self.keyed and response.status_code == IN_PROGRESS and asked is not None
+        if response.status_code not in RETRY_STATUSES and not in_progress:
             return None
-        return self._next(retry_after(response))
+        return self._next(asked)
 
     def after_error(self, error: httpx.TransportError) -> float | None:
         """Seconds to wait before retrying, or None: raise the error."""
-        if self.method not in IDEMPOTENT_METHODS or not isinstance(error, RETRY_ERRORS):
+        safe = self.method in IDEMPOTENT_METHODS or self.keyed
+        if not safe or not isinstance(error, RETRY_ERRORS):
             return None
         return self._next(None)
 

@@ -188,7 +188,7 @@ def test_a_conv_net_adapts_its_head_through_the_vmap_path(
             close(params[name], tensor)
         assert (adapted.loss_before, adapted.loss_after) == pytest.approx((before, after), rel=1e-5)
         queries = torch.randn(2, 64, generator=g).tolist()
-        got = predict(engine, "images", ("t", "img", 1), queries, partial(bytes, adapted.params))
+        got = predict(engine, "images", ("t", "img", "1"), queries, partial(bytes, adapted.params))
         expected = meta.predict(fast, torch.tensor(queries).reshape(2, 1, 8, 8))
         close(torch.tensor(got.result()), expected)
         engine.forget("t", "img")
@@ -226,7 +226,7 @@ def test_predictions_batch_across_clients_and_equal_single_ones(
     ]
     queries = [[[q / 2]] * (i + 1) for i, q in enumerate(range(-5, 1))]  # 1..6 queries each
     futures = [
-        predict(engine, "sinusoid", ("t", f"c{i}", 1), q, lambda blob=blob: blob)
+        predict(engine, "sinusoid", ("t", f"c{i}", "1"), q, lambda blob=blob: blob)
         for i, (blob, q) in enumerate(zip(blobs, queries, strict=True))
     ]
     outputs = [f.result(timeout=60) for f in futures]
@@ -236,7 +236,7 @@ def test_predictions_batch_across_clients_and_equal_single_ones(
         close(torch.tensor(out), torch.tensor(expected))
     stats = engine.stats()
     assert stats.cache.misses == 6 and stats.cache.entries == 6
-    again = engine.submit_predict(PredictJob("sinusoid", ("t", "c0", 1), queries[0])).result()
+    again = engine.submit_predict(PredictJob("sinusoid", ("t", "c0", "1"), queries[0])).result()
     assert again == outputs[0]  # a hit: no NotCached, nothing loaded
     assert engine.stats().cache.hits == 1
 
@@ -253,19 +253,19 @@ def test_params_are_loaded_once_per_miss_and_a_new_version_is_never_stale(
         return blob
 
     q = [[0.5], [1.5]]
-    first = predict(engine, "sinusoid", ("t", "c", 1), q, lambda: loader(v1.params, 1)).result()
-    second = predict(engine, "sinusoid", ("t", "c", 2), q, lambda: loader(v2.params, 2)).result()
+    first = predict(engine, "sinusoid", ("t", "c", "1"), q, lambda: loader(v1.params, 1)).result()
+    second = predict(engine, "sinusoid", ("t", "c", "2"), q, lambda: loader(v2.params, 2)).result()
     assert loads == [1, 2]
     assert first != second
-    assert engine.submit_predict(PredictJob("sinusoid", ("t", "c", 2), q)).result() == second
+    assert engine.submit_predict(PredictJob("sinusoid", ("t", "c", "2"), q)).result() == second
 
 
 def test_params_given_without_a_miss_are_used_but_never_cached(engine: Engine) -> None:
     blob = engine.submit_adapt(AdaptJob("sinusoid", *support(5, seed=1), 5, 0.05)).result().params
-    job = PredictJob("sinusoid", ("t", "c", 1), [[0.5]], params=blob)
+    job = PredictJob("sinusoid", ("t", "c", "1"), [[0.5]], params=blob)
     assert (
         engine.submit_predict(job).result()
-        == predict(engine, "sinusoid", ("t", "d", 1), [[0.5]], lambda: blob).result()
+        == predict(engine, "sinusoid", ("t", "d", "1"), [[0.5]], lambda: blob).result()
     )
     assert engine.stats().cache.entries == 1  # d's, loaded after its miss
 
@@ -273,12 +273,12 @@ def test_params_given_without_a_miss_are_used_but_never_cached(engine: Engine) -
 def test_forget_means_a_deleted_client_is_never_served_from_the_cache(engine: Engine) -> None:
     blob = engine.submit_adapt(AdaptJob("sinusoid", *support(5, seed=1), 5, 0.05)).result().params
     q = [[0.5]]
-    predict(engine, "sinusoid", ("t", "c", 1), q, lambda: blob).result()
-    predict(engine, "sinusoid", ("t", "other", 1), q, lambda: blob).result()
+    predict(engine, "sinusoid", ("t", "c", "1"), q, lambda: blob).result()
+    predict(engine, "sinusoid", ("t", "other", "1"), q, lambda: blob).result()
     engine.forget("t", "c")
     with pytest.raises(NotCached):  # a miss: refused at once; the caller reads the store
-        engine.submit_predict(PredictJob("sinusoid", ("t", "c", 1), q))
-    engine.submit_predict(PredictJob("sinusoid", ("t", "other", 1), q)).result()  # still cached
+        engine.submit_predict(PredictJob("sinusoid", ("t", "c", "1"), q))
+    engine.submit_predict(PredictJob("sinusoid", ("t", "other", "1"), q)).result()  # still cached
     assert engine.stats().queued == 0  # the refusal queued nothing
 
 
@@ -294,19 +294,19 @@ def test_an_adaptation_is_cached_once_stored_unless_its_client_was_forgotten_sin
     engine.start()
     try:
         blob = kept.result(timeout=60)
-        assert engine.stored(blob, ("t", "c", 1))
-        no_read = PredictJob("sinusoid", ("t", "c", 1), [[0.5]])
+        assert engine.stored(blob, ("t", "c", "1"))
+        no_read = PredictJob("sinusoid", ("t", "c", "1"), [[0.5]])
         engine.submit_predict(no_read).result()  # cached: no NotCached
         assert (engine.stats().cache.hits, engine.stats().cache.misses) == (1, 0)
 
-        assert not engine.stored(overtaken.result(timeout=60), ("t", "d", 1))
+        assert not engine.stored(overtaken.result(timeout=60), ("t", "d", "1"))
         later = engine.submit_adapt(AdaptJob("sinusoid", *support(5, seed=3), 5, 0.05))
         stale = later.result(timeout=60)  # adapted before c's delete, stored after it
         engine.forget("t", "c")
-        assert not engine.stored(stale, ("t", "c", 2))
+        assert not engine.stored(stale, ("t", "c", "2"))
         assert engine.stats().cache.entries == 0
         with pytest.raises(ValueError, match="do not fit"):  # params of another meta-model
-            engine.stored(replace(blob, meta_model="classes"), ("t", "e", 1))
+            engine.stored(replace(blob, meta_model="classes"), ("t", "e", "1"))
     finally:
         engine.stop()
 
@@ -314,7 +314,7 @@ def test_an_adaptation_is_cached_once_stored_unless_its_client_was_forgotten_sin
 def test_a_load_that_races_a_forget_is_not_cached(engine: Engine) -> None:
     blob = engine.submit_adapt(AdaptJob("sinusoid", *support(5, seed=1), 5, 0.05)).result().params
     with pytest.raises(NotCached) as miss:  # the miss, before the store is read ...
-        engine.submit_predict(PredictJob("sinusoid", ("t", "c", 1), [[0.5]]))
+        engine.submit_predict(PredictJob("sinusoid", ("t", "c", "1"), [[0.5]]))
     engine.forget("t", "c")  # ... the delete commits while the request reads ...
     loaded = engine.submit_predict(miss.value.loaded(blob))  # ... and it submits again
     loaded.result(timeout=10)  # the request made before the delete is answered
@@ -329,7 +329,7 @@ def test_a_full_queue_refuses_at_once_with_retry_after(meta_models: dict[str, Me
     with pytest.raises(Unavailable) as refused:
         engine.submit_adapt(job)
     with pytest.raises(Unavailable):  # a prediction miss is refused before any read
-        engine.submit_predict(PredictJob("sinusoid", ("t", "c", 1), [[0.0]]))
+        engine.submit_predict(PredictJob("sinusoid", ("t", "c", "1"), [[0.0]]))
     assert time.monotonic() - started < 5.0  # refused, not blocked
     assert refused.value.retry_after is not None and refused.value.retry_after >= 1.0
     assert engine.stats().rejected == 2
@@ -360,10 +360,10 @@ def test_stored_params_of_another_shape_are_refused(
 ) -> None:
     wrong = to_bytes(meta_models["classes"].params)
     with pytest.raises(ValueError, match="do not fit"):
-        predict(engine, "sinusoid", ("t", "c", 1), [[0.0]], lambda: wrong)
+        predict(engine, "sinusoid", ("t", "c", "1"), [[0.0]], lambda: wrong)
     assert engine.stats().queued == 0
     blob = engine.submit_adapt(AdaptJob("sinusoid", *support(5, seed=1), 5, 0.05)).result().params
-    assert predict(engine, "sinusoid", ("t", "c", 1), [[0.0]], lambda: blob).result()
+    assert predict(engine, "sinusoid", ("t", "c", "1"), [[0.0]], lambda: blob).result()
 
 
 def test_a_failing_job_does_not_fail_its_batch(
@@ -414,7 +414,7 @@ def test_cache_evicts_by_bytes(meta_models: dict[str, MetaModel]) -> None:
     try:
         blob = engine.submit_adapt(AdaptJob("sinusoid", *support(3, seed=0), 1, 0.01)).result()
         for i in range(3):
-            predict(engine, "sinusoid", ("t", f"c{i}", 1), [[0.0]], lambda: blob.params).result()
+            predict(engine, "sinusoid", ("t", f"c{i}", "1"), [[0.0]], lambda: blob.params).result()
         stats = engine.stats().cache
         assert (stats.entries, stats.evictions, stats.bytes) == (2, 1, 2 * one)
     finally:

@@ -50,15 +50,15 @@ def test_predictions_use_the_adapted_params(engine: Engine, reference: Reference
         return adapted.params
 
     queries = [[-2.5], [0.0], [1.25]]
-    first = predict(engine, "sinusoid", ("t", "c", 1), queries, params).result()
-    again = predict(engine, "sinusoid", ("t", "c", 1), queries, params).result()
+    first = predict(engine, "sinusoid", ("t", "c", "1"), queries, params).result()
+    again = predict(engine, "sinusoid", ("t", "c", "1"), queries, params).result()
     fast, _, _ = reference.adapt(XS, YS, steps=3, lr=0.02)
     expected = reference.predict(fast, queries)
     assert [row[0] for row in first] == pytest.approx(expected, abs=1e-5)
     assert first == again
     assert len(loads) == 1  # the second call was a cache hit
     engine.forget("t", "c")
-    predict(engine, "sinusoid", ("t", "c", 1), queries, params).result()
+    predict(engine, "sinusoid", ("t", "c", "1"), queries, params).result()
     assert len(loads) == 2
 
 

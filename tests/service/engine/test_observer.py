@@ -38,7 +38,7 @@ def test_every_batch_is_reported_once_and_sizes_are_counted_by_kind(
     try:
         futures = [engine.submit_adapt(AdaptJob("sinusoid", *SUPPORT, 3, 0.02)) for _ in range(5)]
         blobs = [f.result(timeout=60).params for f in futures]
-        job = PredictJob("sinusoid", ("t", "c", 1), [[0.5]], params=blobs[0])
+        job = PredictJob("sinusoid", ("t", "c", "1"), [[0.5]], params=blobs[0])
         engine.submit_predict(job).result(timeout=60)
     finally:
         engine.stop()

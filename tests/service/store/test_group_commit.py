@@ -31,9 +31,10 @@ def test_append_versions_numbers_each_clients_rows_in_order(session: Session) ->
         assert found is not None and found.current_version == current
         assert [v.version for v in found.versions] == list(range(1, current + 1))
     stored = [
-        repository.load_params(session=session, tenant_id="default", client_id="bob", version=v)
-        for v in (1, 2)
+        repository.load_params(session=session, tenant_id="default", uid=row.uid)
+        for row in (rows[0], rows[2])
     ]
+    assert len({row.uid for row in rows}) == len(rows)  # every version its own identity
     assert stored == [b"bob-1", b"bob-2"]
 
 

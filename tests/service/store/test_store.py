@@ -77,9 +77,9 @@ def test_history_and_version_records_leave_the_blobs_in_the_database(session: Se
     assert client is not None
     unloaded = inspect(client.versions[0]).unloaded
     assert {"params", "support_inputs", "support_targets"} <= unloaded
-    params = repository.load_params(
-        session=session, tenant_id="default", client_id="alice", version=1
-    )
+    uid = client.versions[0].uid
+    assert len(uid) == 32 and int(uid, 16) >= 0  # 32 hex digits, set when stored
+    params = repository.load_params(session=session, tenant_id="default", uid=uid)
     assert params == b"weights-alice"
 
 
