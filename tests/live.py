@@ -1,0 +1,105 @@
+"""Real ``fastadapt serve`` processes for tests: start several at once, wait until ready,
+stop them gracefully (SIGTERM) or kill them (SIGKILL), start them again on the same port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+START_TIMEOUT_S = 90.0  # a cold start on a loaded 2-core machine (torch import, warm-up)
+STOP_TIMEOUT_S = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def clean_env(**settings: str) -> dict[str, str]:
+    """The test process's environment without its ``FASTADAPT_*``, plus ``settings``
+    (``database_url="..."`` becomes ``FASTADAPT_DATABASE_URL``)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTADAPT_")}
+    return env | {f"FASTADAPT_{name.upper()}": value for name, value in settings.items()}
+
+
+class Replica:
+    """One ``fastadapt serve`` process on its own loopback port, logging to ``log``."""
+
+    def __init__(self, name: str, env: Mapping[str, str], log: Path) -> None:
+        self.name = name
+        self.env = dict(env)
+        self.log = log
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Replica:
+        """Start the process (on the same port every time); ``wait_ready`` waits for it."""
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port)],
+                cwd=REPO,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        return self
+
+    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> Replica:
+        deadline = time.monotonic() + timeout
+        with httpx.Client(base_url=self.url, timeout=5) as client:
+            while True:
+                assert self.process is not None and self.process.poll() is None, self.tail()
+                try:
+                    if client.get("/readyz").status_code == 200:
+                        return self
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, f"{self.name} not ready\n{self.tail()}"
+                time.sleep(0.1)
+
+    def client(self, key: str | None = None, timeout: float = 60.0) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else None
+        return httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def terminate(self, timeout: float = STOP_TIMEOUT_S) -> int:
+        """SIGTERM, and the exit status once it has stopped."""
+        return self._stop(signal.SIGTERM, timeout)
+
+    def kill(self) -> int:
+        """SIGKILL: no shutdown at all."""
+        return self._stop(signal.SIGKILL, STOP_TIMEOUT_S)
+
+    def _stop(self, sig: signal.Signals, timeout: float) -> int:
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return process.returncode if process else 0
+        process.send_signal(sig)
+        try:
+            return process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise AssertionError(f"{self.name} did not stop\n{self.tail()}") from None
+
+    def tail(self, chars: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+
+
+def start_all(*replicas: Replica) -> None:
+    """Start every replica at once (their start-ups overlap), then wait for each."""
+    for replica in replicas:
+        replica.start()
+    for replica in replicas:
+        replica.wait_ready()
