@@ -85,8 +85,8 @@ class Settings(BaseSettings):
         default=30.0, gt=0, description="Longest a request waits for the engine."
     )
     threads: int = Field(default=1, ge=1, description="Torch intra-op threads of the engine.")
-    shutdown_timeout_s: float = Field(
-        default=30.0,
+    shutdown_timeout_s: int = Field(
+        default=30,
         ge=0,
         description="On SIGTERM, how long requests in flight may take to finish, and then "
         "how long the engine may take to drain its queue.",

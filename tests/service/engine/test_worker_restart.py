@@ -88,3 +88,31 @@ def test_failures_between_batches_lose_nothing_and_the_restarts_back_off(
         assert engine.stats().worker.restarts == 3
     finally:
         engine.stop(timeout=10)
+
+
+def test_stop_waits_at_most_its_timeout_and_fails_what_is_still_queued(
+    meta_models: dict[str, MetaModel],
+) -> None:
+    engine = Engine({"sinusoid": meta_models["sinusoid"]}, EngineConfig(device="cpu"))
+    engine.start()
+    runner = engine.runners["sinusoid"]
+    adapt, entered, release = runner.adapt, threading.Event(), threading.Event()
+
+    def stuck(works: Any) -> Any:  # the running batch outlives the shutdown timeout
+        entered.set()
+        release.wait(30)
+        return adapt(works)
+
+    runner.adapt = stuck  # type: ignore[method-assign]
+    jobs = [adapt_job(meta_models, "sinusoid", *support(5, seed)) for seed in range(2)]
+    running = engine.submit_adapt(jobs[0])
+    assert entered.wait(10)
+    queued = engine.submit_adapt(jobs[1])
+    engine.stop(timeout=0.2)  # returns with the batch still running
+    with pytest.raises(Unavailable):
+        queued.result(timeout=0)
+    with pytest.raises(Unavailable):  # refused: stopping
+        engine.submit_adapt(jobs[1])
+    release.set()
+    assert_matches_alone(meta_models["sinusoid"], jobs[0], running.result(timeout=30))
+    engine.worker.join(10)
