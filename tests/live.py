@@ -77,15 +77,25 @@ class Replica:
         """SIGTERM, and the exit status once it has stopped."""
         return self._stop(signal.SIGTERM, timeout)
 
+    def wait(self, timeout: float = STOP_TIMEOUT_S) -> int:
+        """The exit status once it has stopped (after a signal sent by ``send``)."""
+        return self._stop(None, timeout)
+
+    def send(self, sig: signal.Signals) -> None:
+        """Send ``sig`` without waiting for the process to stop."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+
     def kill(self) -> int:
         """SIGKILL: no shutdown at all."""
         return self._stop(signal.SIGKILL, STOP_TIMEOUT_S)
 
-    def _stop(self, sig: signal.Signals, timeout: float) -> int:
+    def _stop(self, sig: signal.Signals | None, timeout: float) -> int:
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return process.returncode if process else 0
-        process.send_signal(sig)
+        if process is None:
+            return 0
+        if sig is not None and process.poll() is None:
+            process.send_signal(sig)
         try:
             return process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -103,3 +113,10 @@ def start_all(*replicas: Replica) -> None:
         replica.start()
     for replica in replicas:
         replica.wait_ready()
+
+
+def stop_all(*replicas: Replica) -> list[int]:
+    """SIGTERM every replica at once (their shutdowns overlap); their exit statuses."""
+    for replica in replicas:
+        replica.send(signal.SIGTERM)
+    return [replica.wait() for replica in replicas]

@@ -14,7 +14,7 @@ import pytest
 from service.store import migrate
 from service.store.session import connect, session_factory
 from service.usecases import keys
-from tests.live import Replica, clean_env, start_all
+from tests.live import Replica, clean_env, start_all, stop_all
 from tests.service.store_fixtures import Databases
 from tests.service.tiny_models import meta_model
 
@@ -83,5 +83,4 @@ def pair(deployment: Deployment) -> Iterator[tuple[Replica, Replica]]:
         start_all(a, b)
         yield a, b
     finally:
-        for replica in (a, b):
-            replica.terminate()
+        assert stop_all(a, b) == [0, 0]
