@@ -7,6 +7,7 @@ import copy
 import logging
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from types import FrameType
 from typing import Any
@@ -22,6 +23,7 @@ from service.store.session import connect, session_factory
 from service.store.tables import ApiKey
 
 log = logging.getLogger("fastadapt")
+STARTUP_FAILED = 3  # the exit status of a server whose start-up failed (uvicorn's)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -94,9 +96,10 @@ def serve(*, host: str | None = None, port: int | None = None) -> int:
     # On SIGTERM uvicorn closes its listener, lets the requests in flight finish (at most
     # shutdown_timeout_s), runs the lifespan's end (the engine drains its queue), then
     # raises the signal again with the handler found here: a graceful stop exits 0.
-    signal.signal(signal.SIGTERM, _stopped)
+    if threading.current_thread() is threading.main_thread():  # (signals: main thread only)
+        signal.signal(signal.SIGTERM, _stopped)
     server.run()
-    return 0 if server.started else 1
+    return 0 if server.started else STARTUP_FAILED
 
 
 def _stopped(signum: int, frame: FrameType | None) -> None:
