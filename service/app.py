@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -74,9 +75,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        engine.stop()
+        app.state.stopping.set()
+        engine.stop(timeout=settings.shutdown_timeout_s)  # queued jobs finish, within bounds
         database.dispose()
         gc.unfreeze()  # back to the collector (tests start many apps in one process)
+
+
+def stop(app: FastAPI) -> None:
+    """The server was told to stop: /readyz answers 503 from now on (requests in flight
+    finish; the server closes its listener and, once they are done, runs the lifespan's end)."""
+    if not app.state.stopping.is_set():
+        app.state.stopping.set()
+        log.info("stopping: /readyz answers 503, requests in flight finish")
 
 
 def request_threads(settings: Settings) -> int:
@@ -95,6 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     settings = app.state.settings = Settings() if settings is None else settings
+    app.state.stopping = threading.Event()  # set on SIGTERM (``stop``): /readyz answers 503
     app.state.guard = Guard(settings)  # keys needed?, trusted keys, rate limits
     app.state.metrics = metrics.Metrics(settings) if settings.metrics else None
     app.add_middleware(

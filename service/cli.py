@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Sequence
+from types import FrameType
 from typing import Any
 
 from sqlalchemy import make_url
@@ -20,6 +23,7 @@ from service.store.session import connect, session_factory
 from service.store.tables import ApiKey
 
 log = logging.getLogger("fastadapt")
+STARTUP_FAILED = 3  # the exit status of a server whose start-up failed (uvicorn's)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -70,16 +74,36 @@ def serve(*, host: str | None = None, port: int | None = None) -> int:
         return 2
     import uvicorn
 
-    from service.app import create_app
+    from service.app import create_app, stop
 
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        access_log=False,  # uvicorn's own: its lines carry the query string
-        log_config=_log_config(access=settings.access_log),
+    app = create_app(settings)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            stop(app)  # /readyz answers 503 at once
+            super().handle_exit(sig, frame)
+
+    server = Server(
+        uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            access_log=False,  # uvicorn's own: its lines carry the query string
+            log_config=_log_config(access=settings.access_log),
+            timeout_graceful_shutdown=settings.shutdown_timeout_s,
+        )
     )
-    return 0
+    # On SIGTERM uvicorn closes its listener, lets the requests in flight finish (at most
+    # shutdown_timeout_s), runs the lifespan's end (the engine drains its queue), then
+    # raises the signal again with the handler found here: a graceful stop exits 0.
+    if threading.current_thread() is threading.main_thread():  # (signals: main thread only)
+        signal.signal(signal.SIGTERM, _stopped)
+    server.run()
+    return 0 if server.started else STARTUP_FAILED
+
+
+def _stopped(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
 
 
 def _log_config(*, access: bool) -> dict[str, Any]:

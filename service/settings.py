@@ -99,6 +99,12 @@ class Settings(BaseSettings):
         default=30.0, gt=0, description="Longest a request waits for the engine."
     )
     threads: int = Field(default=1, ge=1, description="Torch intra-op threads of the engine.")
+    shutdown_timeout_s: int = Field(
+        default=30,
+        ge=0,
+        description="On SIGTERM, how long requests in flight may take to finish, and then "
+        "how long the engine may take to drain its queue.",
+    )
 
     # -- keys and tenants --------------------------------------------------------------------
     auth: Literal["auto", "required"] = Field(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Query, Response
+from fastapi import APIRouter, Body, Query, Request, Response
 
 from service import usecases
 from service.api.deps import ClientId, IdempotencyDep, RuntimeDep, SessionDep, TenantDep
@@ -23,6 +23,7 @@ from service.api.schemas import (
     ReadaptRequest,
     Status,
 )
+from service.errors import Unavailable
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (404, 408, 409, 413, 422, 503)
@@ -69,8 +70,11 @@ def healthz() -> Status:
 
 
 @health.get("/readyz", tags=["health"])
-def readyz(session: SessionDep, runtime: RuntimeDep) -> Status:
-    """The database answers and at least one meta-model is loaded (else 503)."""
+def readyz(request: Request, session: SessionDep, runtime: RuntimeDep) -> Status:
+    """The database answers and at least one meta-model is loaded (else 503); 503 from the
+    moment the server is told to stop (SIGTERM), so a load balancer drains it."""
+    if request.app.state.stopping.is_set():
+        raise Unavailable("the server is shutting down", retry_after=1.0)
     usecases.clients.readiness(session=session, meta_models=runtime.meta_models)
     return Status(status="ready")
 

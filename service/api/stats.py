@@ -46,6 +46,7 @@ class EngineStatsResponse(BaseModel):
     rejected: int = Field(description="Requests refused with 503 because the queue was full.")
     expired: int = Field(description="Jobs that waited past their deadline (503).")
     failed_jobs: int
+    worker_restarts: int = Field(description="Times the device worker died and was restarted.")
     largest_batch: int
     adapt: BatchStats
     predict: BatchStats
@@ -67,6 +68,7 @@ class EngineStatsResponse(BaseModel):
             rejected=stats.rejected,
             expired=stats.expired,
             failed_jobs=worker.failed_jobs,
+            worker_restarts=worker.restarts,
             largest_batch=worker.largest_batch,
             adapt=_batches(worker.adapt_batches, worker.adapt_jobs),
             predict=_batches(worker.predict_batches, worker.predict_jobs),

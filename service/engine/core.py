@@ -101,11 +101,12 @@ class Engine:
         paths = {name: runner.batched.path for name, runner in self.runners.items()}
         log.info("engine on %s, %d thread(s), kernels %s", self.device, self.config.threads, paths)
 
-    def stop(self) -> None:
-        """Refuse new jobs, finish the queued ones, then stop."""
+    def stop(self, timeout: float | None = None) -> None:
+        """Refuse new jobs, finish the queued ones (for at most ``timeout`` seconds), then
+        stop; jobs still queued then fail with ``Unavailable``."""
         self.batcher.close()
         if self._started:
-            self.worker.join()
+            self.worker.join(timeout)
         self.batcher.fail_all(Unavailable("the engine stopped", 1.0))
 
     # -- jobs --------------------------------------------------------------------------------

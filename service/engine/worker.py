@@ -4,6 +4,11 @@
 ``ModelRunner`` and completes their futures. Predictions whose params were read after a
 cache miss are moved to the device and cached here, under the ticket their miss took.
 After each batch it tells its ``EngineObserver`` how long the batch ran and its jobs waited.
+
+A supervisor keeps the device served: an exception that escapes the worker's loop (a bug, a
+device error outside a batch's own ``try``) fails the batch it was running with
+``Unavailable`` (503, retry), is logged and counted (``WorkerStats.restarts``), and a new
+thread takes over the queue, so later jobs run as before.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,8 +25,10 @@ from service.engine.cache import ParamsCache
 from service.engine.device import configure_threads
 from service.engine.observer import EngineObserver
 from service.engine.runner import ModelRunner, PredictWork
+from service.errors import Unavailable
 
 log = logging.getLogger(__name__)
+RESTART_BACKOFF_S = (0.01, 1.0)  # pause before a restart: doubles per failure in a row, capped
 
 
 @dataclass
@@ -31,6 +39,7 @@ class WorkerStats:
     predict_jobs: int = 0
     failed_jobs: int = 0  # jobs whose run raised (after a retry alone)
     largest_batch: int = 0
+    restarts: int = 0  # times the worker's thread died and a new one took over
     # kind ("adapt", "predict") -> size -> batches of that size
     batch_sizes: dict[str, dict[int, int]] = field(default_factory=dict)
 
@@ -54,20 +63,32 @@ class DeviceWorker:
         self.observer = observer or EngineObserver()
         self.stats = WorkerStats()
         self.ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="fastadapt-device", daemon=True)
+        self._thread = threading.Thread()  # replaced by start(), and by every restart
         self._error: BaseException | None = None
+        self._running: list[Job] = []  # the batch being run: failed if the thread dies
+        self._failures = 0  # deaths since the last batch that ran to its end
 
     def start(self) -> None:
         """Start the thread and wait for it to warm up every meta-model."""
-        self._thread.start()
+        self._spawn(self._warm_up_and_serve)
         self.ready.wait()
         if self._error is not None:
             raise RuntimeError("the device worker failed to start") from self._error
 
     def join(self, timeout: float | None = None) -> None:
-        self._thread.join(timeout)
+        """Wait for the worker (and any thread that replaced it) to stop; at most ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            thread = self._thread
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if thread is self._thread or thread.is_alive():  # not replaced, or out of time
+                return
 
-    def _run(self) -> None:
+    def _spawn(self, target: Callable[[], None]) -> None:
+        self._thread = threading.Thread(target=target, name="fastadapt-device", daemon=True)
+        self._thread.start()
+
+    def _warm_up_and_serve(self) -> None:
         try:
             configure_threads(self.threads)
             for runner in self.runners.values():
@@ -77,8 +98,41 @@ class DeviceWorker:
             self.ready.set()
             return
         self.ready.set()
-        while (batch := self.batcher.next_batch()) is not None:
-            self._run_batch(batch)
+        self._serve()
+
+    def _serve(self) -> None:
+        """The loop: batches until the batcher is closed and drained. Whatever escapes it
+        is the supervisor's (``_restart``)."""
+        try:
+            configure_threads(self.threads)
+            while (batch := self.batcher.next_batch()) is not None:
+                self._running = batch
+                self._run_batch(batch)
+                self._running = []
+                self._failures = 0
+        except BaseException as exc:
+            self._restart(exc)
+
+    def _restart(self, exc: BaseException) -> None:
+        """Fail the batch that was running (503: the caller may retry), then hand the queue
+        to a new thread, after a pause that grows while the failures repeat."""
+        jobs, self._running = self._running, []
+        self.stats.restarts += 1
+        self._failures += 1
+        log.error(
+            "the device worker died (%s), failing %d running job(s); restart %d",
+            type(exc).__name__,
+            len(jobs),
+            self.stats.restarts,
+            exc_info=exc,
+        )
+        error = Unavailable("the engine's worker failed and was restarted; retry", 1.0)
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(error)
+        first, most = RESTART_BACKOFF_S
+        time.sleep(min(most, first * 2 ** (self._failures - 1)))
+        self._spawn(self._serve)
 
     def _run_batch(self, batch: list[Job]) -> None:
         started = time.monotonic()  # the clock of Job.enqueued

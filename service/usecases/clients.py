@@ -10,7 +10,7 @@ from service.errors import NotFound, Unavailable
 from service.requests import MetaModels
 from service.store import repository
 from service.store.tables import Client
-from service.usecases.runtime import storing
+from service.usecases.runtime import DATABASE_RETRY_AFTER_S, storing
 
 
 @storing
@@ -37,4 +37,7 @@ def readiness(*, session: Session, meta_models: MetaModels) -> None:
     try:
         repository.ping(session=session)
     except SQLAlchemyError as exc:
-        raise Unavailable(f"the database is unreachable ({type(exc).__name__})") from None
+        raise Unavailable(
+            f"the database is unreachable ({type(exc).__name__})",
+            retry_after=DATABASE_RETRY_AFTER_S,
+        ) from None
