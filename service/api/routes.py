@@ -15,8 +15,6 @@ from service.api.schemas import (
     AdaptResponse,
     ClientResponse,
     ErrorResponse,
-    MetaModelList,
-    MetaModelResponse,
     PredictionRequest,
     PredictionResponse,
     QueryNumber,
@@ -43,20 +41,9 @@ def healthz() -> Status:
 
 @health.get("/readyz", tags=["health"])
 def readyz(session: SessionDep, runtime: RuntimeDep) -> Status:
-    """The database answers and at least one meta-model is loaded (else 503)."""
-    usecases.clients.readiness(session=session, meta_models=runtime.meta_models)
+    """The database answers and at least one meta-model is registered (else 503)."""
+    usecases.clients.readiness(session=session, registry=runtime.registry)
     return Status(status="ready")
-
-
-@router.get("/v1/meta-models", tags=["meta-models"])
-def list_meta_models(runtime: RuntimeDep) -> MetaModelList:
-    infos = usecases.meta_models.list_all(runtime.meta_models)
-    return MetaModelList(meta_models=[MetaModelResponse.model_validate(i) for i in infos])
-
-
-@router.get("/v1/meta-models/{name}", tags=["meta-models"])
-def get_meta_model(name: str, runtime: RuntimeDep) -> MetaModelResponse:
-    return MetaModelResponse.model_validate(usecases.meta_models.get(runtime.meta_models, name))
 
 
 @router.post("/v1/clients/{client_id}/adaptations", status_code=201, tags=["clients"])
@@ -90,8 +77,8 @@ def readapt(
     tenant_id: TenantDep,
     body: Annotated[ReadaptRequest | None, Body()] = None,
 ) -> AdaptResponse:
-    """Adapt a stored support set again to the meta-model as loaded now (after its
-    artifact was replaced, say); the result is the client's new version. No body (or
+    """Adapt a stored support set again to the promoted version of its meta-model (after
+    a new version was promoted, say); the result is the client's new version. No body (or
     ``{}``): the current version's support set and the meta-model's defaults."""
     body = body or ReadaptRequest.model_validate({})
     version = usecases.adapt.readapt(

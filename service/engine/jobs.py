@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, replace
 
 from torch import Tensor
 
+from models.checkpoint import MetaModel
+
 Key = tuple[str, str, int]  # (tenant_id, client_id, version)
 
 # Inputs for the engine: (N, D) rows of finite floats, D = prod(input_shape), kept as
@@ -26,11 +28,13 @@ Inputs = Sequence[Sequence[float]] | Tensor
 
 @dataclass(frozen=True)
 class AdaptJob:
-    meta_model: str  # name of a loaded meta-model
+    meta_model: str  # the meta-model version (its sha) whose runner runs the job
     inputs: Inputs  # (K, D) rows or (K, *input_shape)
     targets: Sequence[float] | Sequence[int]  # (K,) numbers (one output), or class indices
     steps: int  # inner steps, resolved (the meta-model's default filled in)
     lr: float | None  # inner rate, resolved; None: the meta-model's learned rates
+    # the version itself, to load it on the device if it is not (None: it must be)
+    model: MetaModel | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -41,16 +45,18 @@ class Adapted:
     steps: int  # inner steps taken
     lr: float | None  # inner rate used; None when the meta-model's learned rates were
     adapt_ms: float  # wall time of the batch this job ran in, tensors in to bytes out
-    meta_model: str = field(default="", repr=False)  # the engine's own: whose params
+    meta_model: str = field(default="", repr=False)  # the engine's own: whose params (sha)
     ticket: int = field(default=-1, repr=False)  # the engine's own: cache epoch at submit
 
 
 @dataclass(frozen=True)
 class PredictJob:
-    meta_model: str  # name of a loaded meta-model
+    meta_model: str  # the meta-model version (its sha) the client version was adapted from
     key: Key  # the client version whose params predict
     inputs: Inputs  # (Q, D) rows or (Q, *input_shape)
     params: bytes | None = None  # its stored safetensors; None: from the cache, if there
+    # the version itself, to load it on the device if it is not (None: it must be)
+    model: MetaModel | None = field(default=None, repr=False, compare=False)
     ticket: int | None = field(default=None, repr=False)  # the engine's own (see NotCached)
 
 
