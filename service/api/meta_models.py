@@ -65,7 +65,7 @@ def promote(
     return MetaModelVersionResponse.model_validate(info)
 
 
-@router.post("/v1/meta-models", status_code=201, responses=ADMIN)
+@router.post("/v1/meta-models", status_code=201, responses={**ADMIN, 413: {"model": ErrorResponse}})
 def upload(
     body: UploadRequest,
     session: SessionDep,
