@@ -175,6 +175,7 @@ def register_shipped(
         registry.add(model)
         known = store.get_version(session=session, sha=model.version) is not None
         names = {p.name for p in store.promoted(session=session)}
+        session.rollback()  # only read: the writes below start their own transaction
         if known and model.name in names:
             continue  # an earlier start registered it; a promotion since stands
         now = utcnow()

@@ -4,6 +4,8 @@ sha256 check of every load."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
@@ -15,10 +17,12 @@ from models.checkpoint import MetaModel
 from service.engine import Engine
 from service.errors import FastAdaptError, InvalidInput, NotFound
 from service.settings import Settings
+from service.store.session import connect, session_factory
 from service.store.tables import MetaModelVersion
 from service.usecases import meta_models
 from service.usecases.registry import ModelRegistry
 from tests.service.registry_helpers import perturbed
+from tests.service.store_fixtures import BACKENDS
 
 
 class Clock:
@@ -170,3 +174,41 @@ def test_every_load_checks_the_sha256(
         registry(tmp_path).version(session, newer.version)
     with pytest.raises(NotFound, match="not registered"):
         registry(tmp_path).version(session, "e" * 64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_replicas_starting_together_register_each_artifact_once(
+    backend: str,
+    fresh_database: Callable[[str], str],
+    models_dir: Path,
+    tmp_path: Path,
+    sinusoid: MetaModel,
+) -> None:
+    url = fresh_database(backend)  # real commits, one connection per replica
+    database = connect(url)
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def replica() -> None:
+        try:
+            start.wait()
+            with session_factory(database)() as session:
+                reg = registry(tmp_path)
+                meta_models.register_shipped(session=session, registry=reg, directory=models_dir)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=replica) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    try:
+        assert errors == []
+        with session_factory(database)() as session:
+            versions = meta_models.versions(session=session)
+            assert sorted(v.name for v in versions) == ["plane", "sinusoid", "sinusoid-metasgd"]
+            assert all(v.promoted for v in versions)
+            assert registry(tmp_path).promoted(session, "sinusoid").version == sinusoid.version
+    finally:
+        database.dispose()
