@@ -39,6 +39,7 @@ from models.maml import InnerLoopConfig
 from models.nets import MLP
 from models.params import Params, from_bytes, to_bytes
 from service.engine import AdaptJob, Engine, EngineConfig, NotCached, PredictJob
+from service.engine.runner import ModelRunner
 
 SHOTS, STEPS, LR, QUERIES = 10, 10, 0.01, 10
 ORDER = ("body.0.weight", "body.0.bias", "body.2.weight", "body.2.bias", "head.weight", "head.bias")
@@ -158,8 +159,8 @@ def main() -> None:
     device = engine.device
     base = {n: t.to(device) for n, t in meta.params.items()}  # the baseline's meta-params
     pool = supports(max(4 * max(clients), 2048))  # one support set per job of a run
-    jobs = [AdaptJob("sinusoid", x, y, STEPS, LR) for x, y in pool]
-    kernel = engine.runners["sinusoid"].batched.path
+    jobs = [AdaptJob(meta.version, x, y, STEPS, LR) for x, y in pool]
+    kernel = engine.runners[meta.version].batched.path
     print(
         f"fastadapt bench_adapt: sinusoid {SHOTS}-shot, {STEPS} inner steps at lr {LR}; "
         f"meta-model {source} (inner gradient clip {meta.config.inner.grad_clip})\n"
@@ -178,6 +179,11 @@ def main() -> None:
         engine.stop()
 
 
+def only_runner(engine: Engine) -> ModelRunner:
+    """The engine's one meta-model (the sinusoid), keyed by its version."""
+    return next(iter(engine.runners.values()))
+
+
 def adapt_rows(
     engine: Engine,
     clients: list[int],
@@ -187,7 +193,7 @@ def adapt_rows(
     quick: bool,
     base: Params,
 ) -> None:
-    clip = engine.runners["sinusoid"].inner.grad_clip  # both sides clip when it has one
+    clip = only_runner(engine).inner.grad_clip  # both sides clip when it has one
     print("adaptations/s")
     print(HEADER)
     base_count = 48 if quick else 128
@@ -206,7 +212,7 @@ def adapt_rows(
 
 def kernel_rows(engine: Engine, clients: list[int], pool: list[Support], repeats: int) -> None:
     """The batched kernels alone, all N clients in one call: bmm against torch.func vmap."""
-    bmm = engine.runners["sinusoid"].batched
+    bmm = only_runner(engine).batched
     vmap = BatchedLearner(bmm.learner, bmm.params, bmm.lrs, path="vmap")
     print("\nkernels alone, adaptations/s (N clients in one call, no engine)")
     print(f"{'clients':>8} {'bmm':>10} {'vmap':>12} {'ratio':>8}")
@@ -236,7 +242,10 @@ def predict_rows(
 ) -> None:
     """Predictions of N cached clients, 10 query points each, against a serial loop."""
     count = max(clients)
-    adapting = [engine.submit_adapt(AdaptJob("sinusoid", *pool[i], 1, LR)) for i in range(count)]
+    adapting = [
+        engine.submit_adapt(AdaptJob(only_runner(engine).version, *pool[i], 1, LR))
+        for i in range(count)
+    ]
     blobs = [f.result().params for f in adapting]
     queries = [[q / 2.0 - 2.5] for q in range(QUERIES)]  # (Q, 1)
     fast = [from_bytes(blob) for blob in blobs[:256]]
@@ -244,7 +253,7 @@ def predict_rows(
 
     def submit(i: int) -> Future[Any]:
         c = i % count
-        job = PredictJob("sinusoid", ("bench", str(c), "1"), queries)
+        job = PredictJob(only_runner(engine).version, ("bench", str(c), "1"), queries)
         try:
             return engine.submit_predict(job)
         except NotCached as miss:  # the first time: as the prediction use case does

@@ -40,9 +40,8 @@ def support_sets(meta: MetaModel, count: int, way: int, shot: int, pixels: int) 
     settings = Settings()
     return [
         requests.adaptation(
-            meta_models={meta.name: meta},
+            model=meta,
             settings=settings,
-            meta_model=meta.name,
             inputs=x,
             targets=labels,
         ).job

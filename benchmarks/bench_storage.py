@@ -103,7 +103,7 @@ def cache_memory(rows: list[ClientVersion], device: str) -> tuple[int, int, str]
     try:
         cuda = engine.device.type == "cuda"
         before = torch.cuda.memory_allocated(engine.device) if cuda else rss_bytes()
-        runner = engine.runners[meta.name]
+        runner = engine.runners[meta.version]
         for row in rows:  # as a prediction's miss or ``Engine.stored`` caches params
             key = (row.tenant_id, row.client_id, row.uid)
             fast = runner.fast_params(row.params).to(engine.device)

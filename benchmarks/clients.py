@@ -30,9 +30,8 @@ def adapted_rows(meta: MetaModel, count: int, prefix: str = "bench-") -> list[Cl
     settings = Settings()
     adaptations = [
         requests.adaptation(
-            meta_models={meta.name: meta},
+            model=meta,
             settings=settings,
-            meta_model=meta.name,
             inputs=x,
             targets=y,
             inner_steps=STEPS,

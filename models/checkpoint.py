@@ -133,15 +133,38 @@ class MetaModel:
     @classmethod
     def load(cls, directory: str | Path) -> MetaModel:
         src = Path(directory)
-        config = ArtifactConfig.from_json((src / CONFIG_FILE).read_text(), str(src / CONFIG_FILE))
-        data = (src / WEIGHTS_FILE).read_bytes()
-        digest = sha256(data)
         expected = (src / DIGEST_FILE).read_text().strip()
-        if digest != expected:
-            raise ValueError(f"{src / WEIGHTS_FILE}: sha256 {digest} != recorded {expected}")
-        tensors = from_bytes(data)
+        return cls.from_bytes(
+            (src / CONFIG_FILE).read_text(),
+            (src / WEIGHTS_FILE).read_bytes(),
+            expected_sha=expected,
+            source=str(src),
+        )
+
+    @classmethod
+    def from_bytes(
+        cls, config_json: str, weights: bytes, *, expected_sha: str, source: str = "artifact"
+    ) -> MetaModel:
+        """An artifact from its two files' contents (a directory, a database row, an
+        upload): the weights' sha256 must be ``expected_sha``, the weights are safetensors
+        (never pickle), and they must fit the config's net (names and shapes). A mismatch
+        is a ValueError naming ``source``."""
+        digest = sha256(weights)
+        if digest != expected_sha:
+            raise ValueError(f"{source}: weights sha256 {digest} != expected {expected_sha}")
+        config = ArtifactConfig.from_json(config_json, f"{source}: {CONFIG_FILE}")
+        try:
+            tensors = from_bytes(weights)
+        except Exception as exc:  # safetensors' own error types differ between versions
+            raise ValueError(f"{source}: {WEIGHTS_FILE} is not safetensors ({exc})") from None
         lrs = {n[len(LR_PREFIX) :]: t for n, t in tensors.items() if n.startswith(LR_PREFIX)}
         params = {n: t for n, t in tensors.items() if not n.startswith(LR_PREFIX)}
+        net = nets.build(config.architecture)
+        expected = {n: tuple(p.shape) for n, p in net.named_parameters()}
+        got = {n: tuple(params[n].shape) for n in expected if n in params}
+        if got != expected:
+            missing = sorted(n for n in expected if got.get(n) != expected[n])
+            raise ValueError(f"{source}: weights do not fit the config's net ({missing[:3]})")
         return cls(config, params, lrs, digest)
 
 

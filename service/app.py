@@ -6,17 +6,23 @@ from __future__ import annotations
 import gc
 import logging
 import threading
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractContextManager as ContextManager
+from contextlib import asynccontextmanager, nullcontext
+from functools import partial
 from pathlib import Path
+from typing import cast
 
 from anyio import to_thread
 from fastapi import Depends, FastAPI
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from models import tasks
 from models.checkpoint import MetaModel, discover
 from service.api import docs, errors, keys, metrics, routes, stats, versions
-from service.api.deps import get_principal
+from service.api import meta_models as meta_model_routes
+from service.api.deps import get_principal, get_session
 from service.api.middleware import BodyLimit
 from service.api.observe import Observe
 from service.auth import Guard
@@ -24,13 +30,15 @@ from service.engine import Engine, configure_threads
 from service.settings import Settings
 from service.store.group_commit import GroupCommit
 from service.store.session import connect, session_factory
-from service.usecases import Runtime
+from service.usecases import Runtime, meta_models
+from service.usecases.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
 
 def load_meta_models(directory: Path) -> dict[str, MetaModel]:
-    """Every artifact directly under ``directory``, by name (checksums verified)."""
+    """Every artifact directly under ``directory``, by name (checksums verified), without
+    a database: for tests and tools; the service registers them (``register_shipped``)."""
     loaded: dict[str, MetaModel] = {}
     for path in discover(directory):
         meta_model = MetaModel.load(path)
@@ -38,27 +46,62 @@ def load_meta_models(directory: Path) -> dict[str, MetaModel]:
         if meta_model.name in loaded:
             raise ValueError(f"two artifacts named {meta_model.name!r} under {directory}")
         loaded[meta_model.name] = meta_model
-        log.info("loaded meta-model %s@%s from %s", meta_model.name, meta_model.version[:12], path)
-    if not loaded:
-        log.warning("no meta-model artifacts under %s: /readyz will answer 503", directory)
     return loaded
+
+
+def start_registry(
+    settings: Settings, sessions: Callable[[], ContextManager[Session]]
+) -> ModelRegistry:
+    """Register the shipped artifacts (the start-up rule of ``usecases.meta_models``) and
+    load the promoted version of every name, for the engine to warm up. With the database
+    down, the service starts anyway (/readyz answers 503) and registers them on the first
+    read of the registry that succeeds."""
+    registry = ModelRegistry(settings)
+    registry.pending = partial(
+        meta_models.register_shipped, registry=registry, directory=settings.models_dir
+    )
+    try:
+        with sessions() as session:
+            for name in registry.promotions(session):
+                model = registry.promoted(session, name)
+                log.info("meta-model %s: promoted version %s", name, model.version[:12])
+    except SQLAlchemyError as exc:
+        log.warning(
+            "the database is unavailable (%s): the shipped meta-models are registered once "
+            "it answers",
+            type(exc).__name__,
+        )
+    else:
+        if not registry.names():
+            log.warning("no meta-model is registered: /readyz will answer 503")
+    return registry
+
+
+def startup_sessions(app: FastAPI) -> Callable[[], ContextManager[Session]]:
+    """Sessions for start-up work: those requests get (a test's own, when it overrides
+    ``get_session``, so that what start-up writes is rolled back with the test)."""
+    override = app.dependency_overrides.get(get_session)
+    if override is None:
+        return cast(Callable[[], ContextManager[Session]], app.state.sessions)
+    return lambda: nullcontext(override())
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     configure_threads(settings.threads)  # torch's, for the whole process (the worker too)
-    meta_models = load_meta_models(settings.models_dir)
     database = connect(settings.database_url)
+    app.state.sessions = session_factory(database)
+    registry = start_registry(settings, startup_sessions(app))
     app_metrics: metrics.Metrics | None = app.state.metrics
     observer = None if app_metrics is None else app_metrics.observer
-    engine = Engine(meta_models, settings, observer=observer)
+    engine = Engine(dict(loaded_models(registry)), settings, observer=observer)
+    registry.engine = engine  # versions the registry unloads leave the device too
     engine.start()
-    app.state.sessions = session_factory(database)
     app.state.runtime = Runtime(
         engine=engine,
         commits=GroupCommit(keep=settings.versions_kept),
-        meta_models=meta_models,
+        registry=registry,
         settings=settings,
     )
     if app_metrics is not None:
@@ -89,6 +132,14 @@ def stop(app: FastAPI) -> None:
         log.info("stopping: /readyz answers 503, requests in flight finish")
 
 
+def loaded_models(registry: ModelRegistry) -> Iterator[tuple[str, MetaModel]]:
+    """The versions the registry holds now (the promoted ones at start-up), by sha."""
+    for sha in registry.loaded():
+        model = registry.cached(sha)
+        if model is not None:
+            yield sha, model
+
+
 def request_threads(settings: Settings) -> int:
     """Threads that may run requests at once: every queued job plus a running batch."""
     return settings.queue_size + settings.max_batch_size
@@ -108,8 +159,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.stopping = threading.Event()  # set on SIGTERM (``stop``): /readyz answers 503
     app.state.guard = Guard(settings)  # keys needed?, trusted keys, rate limits
     app.state.metrics = metrics.Metrics(settings) if settings.metrics else None
+    uploads = {"/v1/meta-models": settings.max_model_upload_bytes}  # when allowed at all
     app.add_middleware(
-        BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
+        BodyLimit,
+        max_bytes=settings.max_body_bytes,
+        timeout_s=settings.body_timeout_s,
+        paths=uploads if settings.allow_model_upload else None,
     )
     # outermost (added last): ids, counts and log lines for every answer, 413s included
     app.add_middleware(Observe, api=app, metrics=app.state.metrics, access=settings.access_log)
@@ -117,7 +172,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     docs.install(app)
     app.include_router(routes.health)  # open: probes
     authenticated = [Depends(get_principal)]  # every /v1 route: 401 / 429 before the route
-    for router in (routes.router, stats.router, keys.router, versions.router):
+    routers = (routes.router, meta_model_routes.router, versions.router, stats.router, keys.router)
+    for router in routers:
         app.include_router(router, dependencies=authenticated, responses=routes.AUTH_ERRORS)
     if settings.metrics:
         app.include_router(metrics.router, responses=routes.AUTH_ERRORS)  # admin scope

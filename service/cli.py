@@ -1,14 +1,16 @@
-"""The ``fastadapt`` command: serve, migrate, keys, train, eval."""
+"""The ``fastadapt`` command: serve, migrate, keys, meta-models, train, eval."""
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import logging
 import signal
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -38,6 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(host=parsed.host, port=parsed.port)
     if parsed.command == "keys":
         return keys(parsed)
+    if parsed.command == "meta-models":
+        return meta_models(parsed)
     return migrate()
 
 
@@ -59,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--tenant", help="only this tenant's keys (default: every tenant's)")
     revoke = actions.add_parser("revoke", help="revoke a key: refused within 5 s everywhere")
     revoke.add_argument("id", help="the key's id (key_...), as `fastadapt keys list` shows")
+    _meta_models_parser(commands)
     commands.add_parser("train", help="meta-train a meta-model (fastadapt train --help)")
     commands.add_parser("eval", help="meta-test a meta-model (fastadapt eval --help)")
     return parser
@@ -186,6 +191,87 @@ def _print_keys(rows: Sequence[ApiKey]) -> None:
         )
         for key in rows
     ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        print("  ".join(cells).rstrip())
+
+
+# -- fastadapt meta-models (the registry) -----------------------------------------------------
+def _meta_models_parser(commands: Any) -> None:
+    parser = commands.add_parser("meta-models", help="register, promote and list meta-models")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    register = actions.add_parser(
+        "register", help="register an artifact directory (sha256 checked, no pickle)"
+    )
+    register.add_argument("path", help="a directory with config.json, weights.safetensors")
+    register.add_argument("--name", help="register under this name (default: the config's)")
+    register.add_argument("--promote", action="store_true", help="make it the promoted one")
+    promote = actions.add_parser("promote", help="make a version the one new adaptations use")
+    promote.add_argument("name", help="the meta-model's name")
+    promote.add_argument("sha", help="the version: its sha256 or a unique prefix (>= 12 hex)")
+    listing = actions.add_parser("list", help="list registered versions")
+    listing.add_argument("name", nargs="?", help="only this meta-model's versions")
+
+
+def meta_models(parsed: argparse.Namespace) -> int:
+    """``fastadapt meta-models register|promote|list`` on the configured database."""
+    settings = Settings()
+    problem = _prepare_schema(settings)
+    if problem:
+        print(f"fastadapt: {problem}", file=sys.stderr)
+        return 2
+    from models.checkpoint import MetaModel  # (imports torch)
+    from service.usecases import meta_models as usecase
+    from service.usecases.registry import ModelRegistry
+
+    registry = ModelRegistry(settings)
+    database = connect(settings.database_url)
+    try:
+        with session_factory(database)() as session:
+            if parsed.action == "register":
+                path = Path(parsed.path).resolve()
+                try:
+                    model = MetaModel.load(path)
+                except (OSError, ValueError, TypeError, KeyError) as exc:
+                    print(f"fastadapt: cannot load {path}: {exc}", file=sys.stderr)
+                    return 1
+                if parsed.name and parsed.name != model.name:
+                    config = dataclasses.replace(model.config, name=parsed.name)
+                    model = MetaModel(config, model.params, model.lrs, model.version)
+                done = usecase.register(
+                    session=session,
+                    registry=registry,
+                    model=model,
+                    source=f"cli:{path}",
+                    promote=parsed.promote,
+                )
+                info = done.version
+                state = "registered" if done.added else "already registered"
+                promoted = ", promoted" if info.promoted else ""
+                print(f"{state} meta-model {info.name} version{promoted}:")
+                print(info.sha)
+            elif parsed.action == "promote":
+                info = usecase.promote(
+                    session=session, registry=registry, name=parsed.name, version=parsed.sha
+                )
+                print(f"promoted meta-model {info.name} version {info.sha}")
+            else:
+                rows = usecase.summary(usecase.versions(session=session, name=parsed.name))
+                _print_table(("name", "sha256", "bytes", "source", "registered", ""), rows)
+    except FastAdaptError as exc:
+        print(f"fastadapt: {exc.message}", file=sys.stderr)
+        return 1
+    except SQLAlchemyError as exc:
+        print(f"fastadapt: cannot use {_shown(settings)}: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        database.dispose()
+    return 0
+
+
+def _print_table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
+    table = [header, *rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence, Sized
+from collections.abc import Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,23 +48,22 @@ class Adaptation:
 
 def adaptation(
     *,
-    meta_models: MetaModels,
+    model: MetaModel,
     settings: Settings,
-    meta_model: str,
     inputs: Sequence[RawInput],
     targets: Sequence[RawTarget],
     inner_steps: int | None = None,
     inner_lr: float | None = None,
 ) -> Adaptation:
-    """Validate an adaptation of ``meta_model`` to the support set (inputs, targets)."""
-    model = known_meta_model(meta_models, meta_model)
+    """Validate an adaptation of ``model`` (the version resolved by the caller: the
+    promoted one of the requested name) to the support set (inputs, targets)."""
     _support_size(inputs, targets, settings)
     steps, lr = _inner(model, inner_steps, inner_lr, settings)
     x = model_inputs(model, inputs, field="support.inputs", settings=settings)
     y, labels = _targets(model, targets)
     return Adaptation(
         model=model,
-        job=AdaptJob(model.name, x, y, steps, lr),
+        job=AdaptJob(model.version, x, y, steps, lr, model=model),
         labels=labels,
         support_inputs=json.dumps(inputs, separators=(",", ":")),
         support_targets=json.dumps(targets, separators=(",", ":")),
@@ -74,9 +73,13 @@ def adaptation(
 
 def known_meta_model(meta_models: MetaModels, name: str) -> MetaModel:
     if name not in meta_models:
-        known = ", ".join(sorted(meta_models)) or "none loaded"
-        raise InvalidInput("meta_model", f"unknown meta-model {name!r} (known: {known})")
+        raise unknown_meta_model(name, meta_models)
     return meta_models[name]
+
+
+def unknown_meta_model(name: str, known: Iterable[str]) -> InvalidInput:
+    names = ", ".join(sorted(known)) or "none registered"
+    return InvalidInput("meta_model", f"unknown meta-model {name!r} (known: {names})")
 
 
 def prediction_size(inputs: Sized, settings: Settings, field: str) -> None:

@@ -42,6 +42,27 @@ class Settings(BaseSettings):
         "(the current version is the newest, so it is never deleted).",
     )
 
+    # -- meta-model registry -----------------------------------------------------------------
+    meta_model_cache_bytes: int = Field(
+        default=512 * MiB,
+        ge=0,
+        description="Weights of meta-model versions kept loaded (least recently used unloaded; "
+        "the one in use always stays).",
+    )
+    promotion_refresh_s: float = Field(
+        default=2.0,
+        ge=0,
+        description="How long a process trusts its view of promoted versions: a promotion on "
+        "one replica reaches the others within this (0: read on every use).",
+    )
+    allow_model_upload: bool = Field(
+        default=False,
+        description="Enable POST /v1/meta-models (admin): artifacts uploaded over HTTP.",
+    )
+    max_model_upload_bytes: int = Field(
+        default=64 * MiB, ge=1024, description="Largest body of POST /v1/meta-models, in bytes."
+    )
+
     # -- serving -----------------------------------------------------------------------------
     host: str = Field(default="127.0.0.1", description="Interface `fastadapt serve` binds.")
     port: int = Field(default=8000, ge=1, le=65535, description="Port `fastadapt serve` binds.")

@@ -93,7 +93,7 @@ class Metrics:
     def attach(self, runtime: Runtime) -> None:
         """Read the engine's, the commits' and the meta-models' counts from ``runtime``."""
         self.engine.runtime = runtime
-        self.census.meta_models = tuple(runtime.meta_models)
+        self.census.meta_models = tuple(runtime.registry.names())
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         """One answered request (called on the event loop, by ``Observe``)."""

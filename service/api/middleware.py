@@ -18,18 +18,29 @@ class BodyLimit:
     The body is read whole here (the JSON parser needs all of it anyway) and replayed.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        timeout_s: float = 30.0,
+        paths: dict[str, int] | None = None,
+    ) -> None:
+        """``paths``: POST paths with their own limit (a meta-model upload's)."""
         self.app = app
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
+        self.paths = paths or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.max_bytes
+        if scope["method"] == "POST":
+            limit = self.paths.get(scope["path"], limit)
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and not _within(declared, self.max_bytes):
-            await self._refuse(scope, send)
+        if declared is not None and not _within(declared, limit):
+            await self._refuse(scope, send, limit)
             return
         chunks: list[bytes] = []
         size = 0
@@ -45,8 +56,8 @@ class BodyLimit:
                 return
             chunk: bytes = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_bytes:
-                await self._refuse(scope, send)
+            if size > limit:
+                await self._refuse(scope, send, limit)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -62,8 +73,8 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope: Scope, send: Send) -> None:
-        await _answer(scope, send, TooLarge(f"the request body exceeds {self.max_bytes} bytes"))
+    async def _refuse(self, scope: Scope, send: Send, limit: int) -> None:
+        await _answer(scope, send, TooLarge(f"the request body exceeds {limit} bytes"))
 
     async def _time_out(self, scope: Scope, send: Send) -> None:
         await _answer(

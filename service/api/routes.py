@@ -15,8 +15,6 @@ from service.api.schemas import (
     AdaptResponse,
     ClientResponse,
     ErrorResponse,
-    MetaModelList,
-    MetaModelResponse,
     PredictionRequest,
     PredictionResponse,
     QueryNumber,
@@ -71,23 +69,12 @@ def healthz() -> Status:
 
 @health.get("/readyz", tags=["health"])
 def readyz(request: Request, session: SessionDep, runtime: RuntimeDep) -> Status:
-    """The database answers and at least one meta-model is loaded (else 503); 503 from the
-    moment the server is told to stop (SIGTERM), so a load balancer drains it."""
+    """The database answers and at least one meta-model is registered (else 503); 503 from
+    the moment the server is told to stop (SIGTERM), so a load balancer drains it."""
     if request.app.state.stopping.is_set():
         raise Unavailable("the server is shutting down", retry_after=1.0)
-    usecases.clients.readiness(session=session, meta_models=runtime.meta_models)
+    usecases.clients.readiness(session=session, registry=runtime.registry)
     return Status(status="ready")
-
-
-@router.get("/v1/meta-models", tags=["meta-models"])
-def list_meta_models(runtime: RuntimeDep) -> MetaModelList:
-    infos = usecases.meta_models.list_all(runtime.meta_models)
-    return MetaModelList(meta_models=[MetaModelResponse.model_validate(i) for i in infos])
-
-
-@router.get("/v1/meta-models/{name}", tags=["meta-models"])
-def get_meta_model(name: str, runtime: RuntimeDep) -> MetaModelResponse:
-    return MetaModelResponse.model_validate(usecases.meta_models.get(runtime.meta_models, name))
 
 
 @router.post(
@@ -143,8 +130,8 @@ def readapt(
     response: Response,
     body: Annotated[ReadaptRequest | None, Body()] = None,
 ) -> AdaptResponse:
-    """Adapt a stored support set again to the meta-model as loaded now (after its
-    artifact was replaced, say); the result is the client's new version. No body (or
+    """Adapt a stored support set again to the promoted version of its meta-model (after
+    a new version was promoted, say); the result is the client's new version. No body (or
     ``{}``): the current version's support set and the meta-model's defaults."""
     request = body or ReadaptRequest.model_validate({})
     created = usecases.idempotency.once(

@@ -199,6 +199,39 @@ class MetaModelList(Response):
     meta_models: list[MetaModelResponse]
 
 
+class MetaModelVersionResponse(Response):
+    name: str
+    sha: str = Field(description="sha256 of the weights: the version's identity.")
+    size_bytes: int = Field(description="Size of the weights (safetensors).")
+    source: str = Field(description='Where it came from: "shipped:<path>", "cli:<path>", "api".')
+    registered_at: datetime
+    promoted: bool = Field(description="Whether new adaptations of this name use it.")
+
+
+class MetaModelVersionList(Response):
+    versions: list[MetaModelVersionResponse]
+
+
+class RegisteredResponse(MetaModelVersionResponse):
+    added: bool = Field(description="False when this sha was already registered.")
+
+
+class PromoteRequest(Request):
+    version: str = Field(
+        pattern=r"^[0-9a-fA-F]{12,64}$",
+        description="The version to promote: its sha256, or a unique prefix of >= 12 hex digits.",
+    )
+
+
+class UploadRequest(Request):
+    config: dict[str, Any] = Field(description="The artifact's config.json, as an object.")
+    weights: str = Field(description="weights.safetensors, base64-encoded.")
+    sha256: str = Field(
+        pattern=r"^[0-9a-f]{64}$", description="sha256 of the weights, checked before use."
+    )
+    promote: bool = Field(False, description="Promote it once registered.")
+
+
 class Status(Response):
     status: str
 

@@ -17,7 +17,9 @@ what the caller hands back, so callers never see them.
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import Counter
 from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, fields, replace
@@ -75,10 +77,14 @@ class Engine:
         config = settings if isinstance(settings, EngineConfig) else EngineConfig.of(settings)
         self.config = config
         self.device = resolve_device(config.device)
+        # by meta-model version (sha): any registered version runs, loaded on demand
         self.runners = {
-            name: ModelRunner(meta_model, self.device, config.path)
-            for name, meta_model in meta_models.items()
+            meta_model.version: ModelRunner(meta_model, self.device, config.path)
+            for meta_model in meta_models.values()
         }
+        self._lock = threading.Lock()  # runners, _pending, _released
+        self._pending: Counter[str] = Counter()  # jobs queued or running, per version
+        self._released: set[str] = set()  # to unload once their last job is done
         self.cache = ParamsCache(config.cache_bytes)
         self.batcher = Batcher(
             max_batch_size=config.max_batch_size,
@@ -98,7 +104,7 @@ class Engine:
             return
         self.worker.start()
         self._started = True
-        paths = {name: runner.batched.path for name, runner in self.runners.items()}
+        paths = {r.name: r.batched.path for r in list(self.runners.values())}
         log.info("engine on %s, %d thread(s), kernels %s", self.device, self.config.threads, paths)
 
     def stop(self, timeout: float | None = None) -> None:
@@ -113,9 +119,9 @@ class Engine:
     def submit_adapt(self, job: AdaptJob) -> Future[Adapted]:
         """The adapted params and losses of ``job``. Hand the result to ``stored`` once its
         params are stored, and the engine caches them for the first prediction."""
-        runner = self.runners[job.meta_model]
+        runner = self._runner(job.meta_model, job.model)
         queued = Job(runner.adapt_group(job), AdaptWork(job, self.cache.ticket()), self._deadline())
-        self.batcher.put(queued)
+        self._put(queued, job.meta_model)
         return queued.future
 
     def submit_predict(self, job: PredictJob) -> Future[list[list[float]]]:
@@ -124,7 +130,7 @@ class Engine:
         Without ``job.params``, a cache miss raises ``NotCached`` at once: read the stored
         params and submit ``miss.loaded(params)``, which the device worker then caches.
         Params that do not fit the meta-model raise ``ValueError`` here."""
-        runner = self.runners[job.meta_model]
+        runner = self._runner(job.meta_model, job.model)
         ticket = job.ticket
         if job.params is None:
             fast = self.cache.get(job.key)
@@ -138,8 +144,8 @@ class Engine:
         work = PredictWork(job.inputs, fast, job.key, ticket)
         # batched with what is queued, never waiting for more: a forward pass is too cheap
         # for a wait to pay (at 16 connections a 2 ms wait cost 10% of HTTP throughput)
-        queued = Job((runner.name, "predict"), work, self._deadline(), wait=False)
-        self.batcher.put(queued)
+        queued = Job((job.meta_model, "predict"), work, self._deadline(), wait=False)
+        self._put(queued, job.meta_model)
         return queued.future
 
     def stored(self, adapted: Adapted, key: Key) -> bool:
@@ -147,7 +153,9 @@ class Engine:
         them, so its first prediction reads no database; not if its client was forgotten
         since the adaptation was submitted. A version is immutable and its uid never
         reused, so its key is never stale. True if cached."""
-        runner = self.runners[adapted.meta_model]
+        runner = self.runners.get(adapted.meta_model)
+        if runner is None:  # unloaded since: its first prediction reads the store
+            return False
         fast = runner.fast_params(adapted.params).to(self.device)
         return self.cache.put(key, fast, adapted.ticket)
 
@@ -156,6 +164,58 @@ class Engine:
         take this before the read and pass it as ``Adapted.ticket`` to ``stored``, which
         then skips them if their client was forgotten meanwhile."""
         return self.cache.ticket()
+
+    # -- meta-model versions ------------------------------------------------------------------
+    def loaded(self) -> list[str]:
+        """The versions (shas) on the device now."""
+        with self._lock:
+            return list(self.runners)
+
+    def release(self, version: str) -> None:
+        """Unload meta-model ``version`` from the device: now if no job of it is queued or
+        running, else once its last one is done (a job that loads it again cancels that)."""
+        with self._lock:
+            if self._pending[version]:
+                self._released.add(version)
+            else:
+                self.runners.pop(version, None)
+
+    def _runner(self, version: str, model: MetaModel | None) -> ModelRunner:
+        """The runner of ``version``, created from ``model`` if it is not loaded (a job
+        without ``model`` must name a loaded version: a KeyError otherwise)."""
+        with self._lock:
+            self._released.discard(version)
+            runner = self.runners.get(version)
+        if runner is not None:
+            return runner
+        if model is None or model.version != version:
+            raise KeyError(f"meta-model version {version[:12]} is not loaded")
+        built = ModelRunner(model, self.device, self.config.path)  # outside the lock: a copy
+        with self._lock:
+            runner = self.runners.setdefault(version, built)
+        log.info("loaded meta-model %s@%s on %s", model.name, version[:12], self.device)
+        return runner
+
+    def _put(self, queued: Job, version: str) -> None:
+        """Queue a job of ``version``, counted until its future is done (while it counts,
+        ``release`` leaves the version's runner in place)."""
+        with self._lock:
+            self._pending[version] += 1
+        try:
+            self.batcher.put(queued)
+        except BaseException:
+            self._done(version)
+            raise
+        queued.future.add_done_callback(lambda _: self._done(version))
+
+    def _done(self, version: str) -> None:
+        with self._lock:
+            self._pending[version] -= 1
+            if self._pending[version] <= 0:
+                del self._pending[version]
+                if version in self._released:
+                    self._released.discard(version)
+                    self.runners.pop(version, None)
 
     def forget(self, tenant_id: str, client_id: str) -> None:
         """Drop every cached version of this client (call after the delete). Uid keys

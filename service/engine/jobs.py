@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, replace
 
 from torch import Tensor
 
+from models.checkpoint import MetaModel
+
 # (tenant_id, client_id, uid): the uid is the version's identity, never reused (a client
 # deleted and re-created gets version 1 again, never the same uid), so a cache keyed by it
 # can never answer a re-created client with a deleted one's params, in any process.
@@ -29,11 +31,13 @@ Inputs = Sequence[Sequence[float]] | Tensor
 
 @dataclass(frozen=True)
 class AdaptJob:
-    meta_model: str  # name of a loaded meta-model
+    meta_model: str  # the meta-model version (its sha) whose runner runs the job
     inputs: Inputs  # (K, D) rows or (K, *input_shape)
     targets: Sequence[float] | Sequence[int]  # (K,) numbers (one output), or class indices
     steps: int  # inner steps, resolved (the meta-model's default filled in)
     lr: float | None  # inner rate, resolved; None: the meta-model's learned rates
+    # the version itself, to load it on the device if it is not (None: it must be)
+    model: MetaModel | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -44,16 +48,18 @@ class Adapted:
     steps: int  # inner steps taken
     lr: float | None  # inner rate used; None when the meta-model's learned rates were
     adapt_ms: float  # wall time of the batch this job ran in, tensors in to bytes out
-    meta_model: str = field(default="", repr=False)  # the engine's own: whose params
+    meta_model: str = field(default="", repr=False)  # the engine's own: whose params (sha)
     ticket: int = field(default=-1, repr=False)  # the engine's own: cache epoch at submit
 
 
 @dataclass(frozen=True)
 class PredictJob:
-    meta_model: str  # name of a loaded meta-model
+    meta_model: str  # the meta-model version (its sha) the client version was adapted from
     key: Key  # the client version (its uid) whose params predict
     inputs: Inputs  # (Q, D) rows or (Q, *input_shape)
     params: bytes | None = None  # its stored safetensors; None: from the cache, if there
+    # the version itself, to load it on the device if it is not (None: it must be)
+    model: MetaModel | None = field(default=None, repr=False, compare=False)
     ticket: int | None = field(default=None, repr=False)  # the engine's own (see NotCached)
 
 

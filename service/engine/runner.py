@@ -46,6 +46,7 @@ class ModelRunner:
     ) -> None:
         model = copy.deepcopy(meta_model).to(device)  # buffers (Standardize) included
         self.name = model.name
+        self.version = model.version  # the engine's key for this runner and its jobs
         self.device = device
         config = model.config
         self.input_shape = config.input_shape
@@ -71,8 +72,8 @@ class ModelRunner:
     def adapt_group(self, job: AdaptJob) -> Group:
         """Jobs that may share a batch: any steps and rates on the bmm path."""
         if self.batched.mixed:
-            return (self.name, "adapt", job.lr is None)
-        return (self.name, "adapt", job.steps, job.lr)
+            return (self.version, "adapt", job.lr is None)
+        return (self.version, "adapt", job.steps, job.lr)
 
     # -- batches, on the worker thread --------------------------------------------------------
     def adapt(self, works: Sequence[AdaptWork]) -> list[Adapted]:
@@ -97,7 +98,7 @@ class ModelRunner:
         after = result.loss_after.tolist()
         ms = (time.perf_counter() - start) * 1000.0
         return [
-            Adapted(blob, lb, la, work.job.steps, work.job.lr, ms, self.name, work.ticket)
+            Adapted(blob, lb, la, work.job.steps, work.job.lr, ms, self.version, work.ticket)
             for blob, lb, la, work in zip(blobs, before, after, works, strict=True)
         ]
 
@@ -116,7 +117,7 @@ class ModelRunner:
         if not self.classify and self.outputs != 1:
             targets = [[0.0] * (self.outputs or 1)]
         lr = None if self.inner.learned_lr != "none" else self.inner.lr
-        works = [AdaptWork(AdaptJob(self.name, inputs, targets, 1, lr), 0)]
+        works = [AdaptWork(AdaptJob(self.version, inputs, targets, 1, lr), 0)]
         for batch in (works * 2, works):
             done = self.adapt(batch)
         fast = self.fast_params(done[0].params).to(self.device)

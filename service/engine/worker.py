@@ -62,6 +62,7 @@ class DeviceWorker:
         self.threads = threads
         self.observer = observer or EngineObserver()
         self.stats = WorkerStats()
+        self.names: dict[str, str] = {}  # meta-model version -> name, of batches run
         self.ready = threading.Event()
         self._thread = threading.Thread()  # replaced by start(), and by every restart
         self._error: BaseException | None = None
@@ -91,7 +92,7 @@ class DeviceWorker:
     def _warm_up_and_serve(self) -> None:
         try:
             configure_threads(self.threads)
-            for runner in self.runners.values():
+            for runner in list(self.runners.values()):  # the versions loaded at start-up
                 runner.warm_up()
         except BaseException as exc:  # reported by start()
             self._error = exc
@@ -154,18 +155,17 @@ class DeviceWorker:
         self._observe(batch, started, seconds)
 
     def _observe(self, batch: list[Job], started: float, seconds: float) -> None:
-        name, kind = batch[0].group[:2]
+        name, kind = self.names.get(str(batch[0].group[0]), ""), batch[0].group[1]
         waited = [started - job.enqueued for job in batch]
         try:
-            self.observer.batch_ran(
-                meta_model=str(name), kind=str(kind), seconds=seconds, waited=waited
-            )
+            self.observer.batch_ran(meta_model=name, kind=str(kind), seconds=seconds, waited=waited)
         except Exception:  # a broken observer must not stop the device
             log.exception("the engine observer failed")
 
     def _execute(self, batch: list[Job]) -> list[Any]:
-        name, kind = batch[0].group[:2]
-        runner = self.runners[str(name)]
+        version, kind = batch[0].group[:2]
+        runner = self.runners[str(version)]  # loaded while a job of it is queued or running
+        self.names[runner.version] = runner.name  # metrics report meta-models by name
         if kind == "adapt":
             return runner.adapt([job.payload for job in batch])
         works: list[PredictWork] = []

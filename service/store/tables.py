@@ -144,3 +144,29 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex of the key
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+
+
+# -- meta-model registry (issue 11) ----------------------------------------------------------
+class MetaModelVersion(Base):
+    """One registered meta-model artifact, content-addressed: the sha256 of its weights is
+    its key, so registering the same weights twice is one row."""
+
+    __tablename__ = "meta_model_versions"
+
+    sha: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 of the weights
+    name: Mapped[str] = mapped_column(String(128), index=True)
+    config: Mapped[str] = mapped_column(Text)  # the artifact's config.json
+    weights: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)  # safetensors
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    source: Mapped[str] = mapped_column(String(512))  # "shipped:<path>", "cli:<path>", "api"
+    registered_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class MetaModelName(Base):
+    """A meta-model name and the version new adaptations of it use."""
+
+    __tablename__ = "meta_models"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    promoted_sha: Mapped[str] = mapped_column(String(64))
+    promoted_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

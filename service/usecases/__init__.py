@@ -15,6 +15,7 @@ from service.usecases import (
     keys,
     meta_models,
     predict,
+    registry,
     versions,
 )
 from service.usecases.runtime import DEFAULT_TENANT, Runtime
@@ -29,5 +30,6 @@ __all__ = [
     "keys",
     "meta_models",
     "predict",
+    "registry",
     "versions",
 ]

@@ -9,9 +9,10 @@ from collections.abc import Sequence
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from models.checkpoint import MetaModel
 from service import requests
 from service.engine import Adapted
-from service.errors import Conflict, InvalidInput
+from service.errors import Conflict, InvalidInput, NotFound
 from service.requests import Adaptation, RawInput, RawTarget
 from service.store import repository
 from service.store.tables import ClientVersion, new_uid, utcnow
@@ -35,13 +36,13 @@ def adapt(
     source_version: int | None = None,
     idempotency: IdempotencyKey | None = None,
 ) -> ClientVersion:
-    """Adapt the meta-model to the support set and store the result as the next version
-    (made by ``origin``, from ``source_version``: see ``ClientVersion``; recording
-    ``idempotency``'s key with it: see ``usecases.idempotency``)."""
+    """Adapt the promoted version of the meta-model to the support set and store the
+    result as the next version (made by ``origin``, from ``source_version``: see
+    ``ClientVersion``; recording ``idempotency``'s key with it: see
+    ``usecases.idempotency``)."""
     request = requests.adaptation(
-        meta_models=runtime.meta_models,
+        model=promoted(session=session, runtime=runtime, name=meta_model),
         settings=runtime.settings,
-        meta_model=meta_model,
         inputs=inputs,
         targets=targets,
         inner_steps=inner_steps,
@@ -65,6 +66,17 @@ def adapt(
     return row
 
 
+def promoted(*, session: Session, runtime: Runtime, name: str) -> MetaModel:
+    """The version new adaptations of ``name`` use (422 naming ``meta_model`` if unknown);
+    the session is closed after it: no transaction stays open while the engine works."""
+    try:
+        return runtime.registry.promoted(session, name)
+    except NotFound:
+        raise requests.unknown_meta_model(name, runtime.registry.names()) from None
+    finally:
+        session.close()
+
+
 @storing
 def readapt(
     *,
@@ -78,9 +90,9 @@ def readapt(
     idempotency: IdempotencyKey | None = None,
 ) -> ClientVersion:
     """Adapt a stored version's support set again (the current version's by default) to
-    the meta-model of the same name as loaded now, with that meta-model's inner-loop
-    defaults unless overridden; the result is the client's new version. After an artifact
-    is replaced, this brings a client onto it without the client sending its data again."""
+    the promoted version of the same meta-model name, with its inner-loop defaults unless
+    overridden; the result is the client's new version. After a new version is promoted,
+    this brings a client onto it without the client sending its data again."""
     row = repository.get_version(
         session=session, tenant_id=tenant_id, client_id=client_id, version=version
     )

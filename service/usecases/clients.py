@@ -7,9 +7,9 @@ from sqlalchemy.orm import Session
 
 from service.engine import Engine
 from service.errors import NotFound, Unavailable
-from service.requests import MetaModels
 from service.store import repository
 from service.store.tables import Client
+from service.usecases.registry import ModelRegistry
 from service.usecases.runtime import DATABASE_RETRY_AFTER_S, storing
 
 
@@ -30,14 +30,15 @@ def delete(*, session: Session, engine: Engine, tenant_id: str, client_id: str) 
     engine.forget(tenant_id, client_id)
 
 
-def readiness(*, session: Session, meta_models: MetaModels) -> None:
-    """Raise ``Unavailable`` unless a meta-model is loaded and the database answers."""
-    if not meta_models:
-        raise Unavailable("no meta-models are loaded")
+def readiness(*, session: Session, registry: ModelRegistry) -> None:
+    """Raise ``Unavailable`` unless the database answers and a meta-model is promoted."""
     try:
         repository.ping(session=session)
+        promotions = registry.promotions(session)
     except SQLAlchemyError as exc:
         raise Unavailable(
             f"the database is unreachable ({type(exc).__name__})",
             retry_after=DATABASE_RETRY_AFTER_S,
         ) from None
+    if not promotions:
+        raise Unavailable("no meta-model is registered", retry_after=DATABASE_RETRY_AFTER_S)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
+from models.checkpoint import MetaModel
 from service import requests
 from service.engine import NotCached, PredictJob
 from service.errors import Conflict, InvalidInput, NotFound
@@ -49,19 +50,12 @@ def predict(
     )
     if row is None:
         raise missing(session=session, tenant_id=tenant_id, client_id=client_id, version=version)
-    model = runtime.meta_models.get(row.meta_model)
-    if model is None or model.version != row.meta_model_version:
-        loaded = "not loaded" if model is None else f"loaded at {model.version[:12]}"
-        raise Conflict(
-            f"client {client_id!r} version {row.version} was adapted from meta-model "
-            f"{row.meta_model}@{row.meta_model_version[:12]}, which is {loaded}; adapt it "
-            f"again (POST /v1/clients/{client_id}/readaptations reuses its support set)"
-        )
+    model = meta_model_of(session=session, runtime=runtime, sha=row.meta_model_version)
     x = requests.model_inputs(model, inputs, field=field, settings=runtime.settings)
     labels = row.labels
     number, uid = row.version, row.uid
     session.close()  # no connection is held while the engine works
-    job = PredictJob(model.name, (tenant_id, client_id, uid), x)
+    job = PredictJob(model.version, (tenant_id, client_id, uid), x, model=model)
     try:
         future = runtime.engine.submit_predict(job)
     except NotCached as miss:  # read the stored params, in this thread, and submit again
@@ -77,6 +71,20 @@ def predict(
         return Prediction(client_id, number, uid, [classify(out, labels) for out in outputs])
     single = all(len(out) == 1 for out in outputs)
     return Prediction(client_id, number, uid, [out[0] for out in outputs] if single else outputs)
+
+
+def meta_model_of(*, session: Session, runtime: Runtime, sha: str) -> MetaModel:
+    """The meta-model version a client version was adapted from, loaded on demand: any
+    registered version, promoted or not. Only a version stored before the registry existed
+    whose artifact was never registered is missing (409: register the artifact)."""
+    try:
+        return runtime.registry.version(session, sha)
+    except NotFound:
+        raise Conflict(
+            f"this client version was adapted from meta-model version {sha[:12]}, which is "
+            "not registered: register its artifact (`fastadapt meta-models register`) or "
+            "adapt the client again"
+        ) from None
 
 
 def classify(logits: list[float], labels: list[Label]) -> LabelPrediction:

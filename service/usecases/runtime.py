@@ -17,11 +17,11 @@ from sqlalchemy.orm import Session
 
 from service.engine import Engine
 from service.errors import Conflict, NotFound, Unavailable
-from service.requests import MetaModels
 from service.settings import Settings
 from service.store import repository
 from service.store.group_commit import GroupCommit
 from service.store.tables import DEFAULT_TENANT as DEFAULT_TENANT  # everyone's, without keys
+from service.usecases.registry import ModelRegistry
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -64,7 +64,7 @@ class Runtime:
 
     engine: Engine  # owns the device
     commits: GroupCommit  # new versions' shared commits
-    meta_models: MetaModels  # loaded at start-up, by name
+    registry: ModelRegistry  # meta-model versions: promoted by name, loaded by sha
     settings: Settings
     in_flight: InFlight = field(default_factory=InFlight)  # idempotency keys being served
 

@@ -38,11 +38,11 @@ class Page(Generic[T]):
     next_cursor: str | None  # None: this was the last page
 
 
-def promoted_versions(runtime: Runtime) -> dict[str, str]:
+def promoted_versions(session: Session, runtime: Runtime) -> dict[str, str]:
     """The sha of the version of each meta-model name that new adaptations use (a client
     whose current version is on another sha of its name is stale). The one place that
     knows where promoted versions live."""
-    return {name: model.version for name, model in runtime.meta_models.items()}
+    return {name: p.sha for name, p in runtime.registry.promotions(session).items()}
 
 
 # -- listing ---------------------------------------------------------------------------------
@@ -65,7 +65,7 @@ def list_clients(
         after=after,
         limit=limit + 1,  # one more says whether a next page exists
         meta_model=meta_model,
-        stale_against=promoted_versions(runtime) if stale else None,
+        stale_against=promoted_versions(session, runtime) if stale else None,
     )
     more = len(rows) > limit
     rows = rows[:limit]
@@ -153,19 +153,17 @@ def rollback(
         runtime.commits.append(session=session, row=row)
     except IntegrityError:
         raise Conflict(f"client {client_id!r} changed concurrently; retry") from None
-    model = runtime.meta_models.get(row.meta_model)
-    if model is not None and model.version == row.meta_model_version:  # else predictions 409
-        copy = Adapted(
-            row.params,
-            row.support_loss_before,
-            row.support_loss_after,
-            row.inner_steps,
-            row.inner_lr,
-            row.adapt_ms,
-            meta_model=row.meta_model,
-            ticket=ticket,
-        )
-        runtime.engine.stored(copy, (tenant_id, client_id, row.uid))
+    copy = Adapted(
+        row.params,
+        row.support_loss_before,
+        row.support_loss_after,
+        row.inner_steps,
+        row.inner_lr,
+        row.adapt_ms,
+        meta_model=row.meta_model_version,  # cached only if that version is on the device
+        ticket=ticket,
+    )
+    runtime.engine.stored(copy, (tenant_id, client_id, row.uid))
     return row
 
 

@@ -31,15 +31,16 @@ def settings() -> Settings:
 def adaptation(
     meta_models: dict[str, MetaModel], settings: Settings, **changes: Any
 ) -> requests.Adaptation:
-    values: dict[str, Any] = {"meta_model": "sinusoid", "inputs": XS, "targets": YS}
-    return requests.adaptation(meta_models=meta_models, settings=settings, **{**values, **changes})
+    values: dict[str, Any] = {"meta_model": "sinusoid", "inputs": XS, "targets": YS, **changes}
+    model = requests.known_meta_model(meta_models, values.pop("meta_model"))
+    return requests.adaptation(model=model, settings=settings, **values)
 
 
 def test_defaults_come_from_the_meta_model(
     meta_models: dict[str, MetaModel], settings: Settings
 ) -> None:
     job = adaptation(meta_models, settings).job
-    assert (job.meta_model, job.steps, job.lr) == ("sinusoid", 5, 0.01)
+    assert (job.meta_model, job.steps, job.lr) == ("test-sinusoid", 5, 0.01)  # the version
     assert adaptation(meta_models, settings, inner_steps=7, inner_lr=0.5).job.steps == 7
     learned = adaptation(meta_models, settings, meta_model="sinusoid-metasgd").job
     assert (learned.steps, learned.lr) == (5, None)  # None: the learned rates

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -16,7 +16,6 @@ from service.app import create_app
 from service.settings import Settings
 from service.store import repository
 from service.store.tables import ClientVersion
-from tests.service.conftest import build_artifact
 from tests.service.sgd_reference import Reference
 
 XS = [[-4.0], [-2.5], [-1.0], [0.0], [1.5], [3.0]]
@@ -46,11 +45,16 @@ def test_health_readiness_and_docs(api: TestClient) -> None:
     assert "/v1/clients/{client_id}/adaptations" in paths
 
 
-def test_not_ready_without_meta_models(make_api: Any, tmp_path: Any) -> None:
-    api = make_api(models_dir=tmp_path / "empty")
-    response = api.get("/readyz")
+def test_not_ready_without_meta_models(
+    fresh_database: Callable[[str], str], tmp_path: Path
+) -> None:
+    url = fresh_database("sqlite")  # nothing registered, nothing shipped
+    settings = Settings(data_dir=tmp_path, models_dir=tmp_path / "empty", database_url=url)
+    with TestClient(create_app(settings)) as api:
+        response = api.get("/readyz")
     assert response.status_code == 503
     assert response.json()["error"]["type"] == "unavailable"
+    assert "no meta-model is registered" in response.json()["error"]["message"]
 
 
 def test_not_ready_without_a_database(models_dir: Path, tmp_path: Path) -> None:
@@ -180,50 +184,18 @@ def test_a_rejected_adaptation_leaves_the_current_version_intact(api: TestClient
     assert predict(api, inputs=[[0.5], [2.0]]) == before
 
 
-def test_a_client_adapted_from_another_meta_model_version_is_a_conflict(
+def test_a_client_adapted_from_an_unregistered_meta_model_version_is_a_conflict(
     api: TestClient, session: Session
 ) -> None:
     adapt(api)
     row = repository.get_version(session=session, tenant_id="default", client_id="alice")
     assert row is not None
-    row.meta_model_version = "f" * 64  # as if the artifact were replaced since
+    row.meta_model_version = "f" * 64  # a row older than the registry, its artifact gone
     session.commit()
     response = api.post("/v1/clients/alice/predictions", json={"inputs": [[0.0]]})
     assert response.status_code == 409
-    assert "adapt it again" in response.json()["error"]["message"]
-    assert "/v1/clients/alice/readaptations" in response.json()["error"]["message"]
-
-
-def test_readaptation_moves_a_client_onto_a_replaced_artifact(
-    make_api: Any, tmp_path: Path, sinusoid: MetaModel
-) -> None:
-    before = make_api()
-    first = adapt(before, inner_steps=3)
-    replaced = build_artifact(tmp_path / "artifacts", "sinusoid", seed=9)  # same name, new weights
-    assert replaced.version != sinusoid.version
-    after = make_api(models_dir=tmp_path / "artifacts")
-    assert after.post("/v1/clients/alice/predictions", json={"inputs": [[0.5]]}).status_code == 409
-
-    response = after.post("/v1/clients/alice/readaptations")  # no body: current version
-    assert response.status_code == 201, response.text
-    body = response.json()
-    assert body["version"] == 2 and body["meta_model_version"] == replaced.version
-    assert body["support_size"] == len(XS) and body["inner_steps"] == 5  # the new defaults
-    fast = replaced.adapt(torch.tensor(XS), torch.tensor(YS).reshape(-1, 1)).fast
-    expected = replaced.predict(fast, torch.tensor([[0.5], [2.0]])).flatten().tolist()
-    got = predict(after, inputs=[[0.5], [2.0]])
-    assert got["version"] == 2 and got["predictions"] == pytest.approx(expected, rel=1e-5)
-    assert after.get("/v1/clients/alice").json()["current_version"] == 2
-    assert first["version"] == 1  # version 1 stays as it was, still tied to the old artifact
-
-    again = after.post("/v1/clients/alice/readaptations", json={"version": 1, "inner_steps": 2})
-    assert again.status_code == 201, again.text
-    assert (again.json()["version"], again.json()["inner_steps"]) == (3, 2)
-    assert after.post("/v1/clients/bob/readaptations").status_code == 404
-    missing = after.post("/v1/clients/alice/readaptations", json={"version": 9})
-    assert missing.status_code == 404
-    extra = after.post("/v1/clients/alice/readaptations", json={"support": {}})
-    assert extra.status_code == 422
+    message = response.json()["error"]["message"]
+    assert "ffffffffffff, which is not registered" in message and "adapt the client" in message
 
 
 def test_two_dimensional_inputs(api: TestClient) -> None:

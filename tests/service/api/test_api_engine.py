@@ -46,7 +46,7 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
 def blocked_worker(engine: Engine) -> Iterator[tuple[threading.Event, threading.Event]]:
     """The device worker blocks inside its next sinusoid adaptation until ``release``
     is set; ``started`` is set once it is blocked there."""
-    runner = engine.runners["sinusoid"]
+    runner = next(r for r in engine.runners.values() if r.name == "sinusoid")
     original = runner.adapt
     started, release = threading.Event(), threading.Event()
 

@@ -27,9 +27,8 @@ def adapt_job(
 ) -> AdaptJob:
     """A validated job: the meta-model's defaults filled in, labels made class indices."""
     return requests.adaptation(
-        meta_models=meta_models,
+        model=requests.known_meta_model(meta_models, name),
         settings=settings(),
-        meta_model=name,
         inputs=inputs,
         targets=targets,
         inner_steps=steps,
@@ -44,8 +43,9 @@ def predict(
     inputs: Sequence[Sequence[float]],
     load: Callable[[], bytes],
 ) -> Future[list[list[float]]]:
-    """As the prediction use case does it: from the cache, else ``load()`` and again."""
+    """As the prediction use case does it: from the cache, else ``load()`` and again.
+    ``name`` is a tiny meta-model's (its version is ``test-<name>``)."""
     try:
-        return engine.submit_predict(PredictJob(name, key, inputs))
+        return engine.submit_predict(PredictJob(f"test-{name}", key, inputs))
     except NotCached as miss:
         return engine.submit_predict(miss.loaded(load()))

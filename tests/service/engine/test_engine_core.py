@@ -96,7 +96,7 @@ def test_concurrent_jobs_run_as_batches_and_each_matches_its_lone_run(
     meta_models: dict[str, MetaModel], path: str
 ) -> None:
     engine = make_engine(meta_models, path=path, max_batch_delay_ms=20.0)
-    assert engine.runners["sinusoid"].batched.path == ("bmm" if path == "auto" else "vmap")
+    assert engine.runners["test-sinusoid"].batched.path == ("bmm" if path == "auto" else "vmap")
     engine.start()
     jobs, asked = [], []
     for i in range(32):  # support sizes 1..20, default and explicit steps and rates
@@ -125,7 +125,9 @@ def test_learned_rates_through_either_kernel(
 ) -> None:
     engine = make_engine(meta_models, path=path, max_batch_delay_ms=20.0)
     jobs = [adapt_job(meta_models, name, *support(3 + i, seed=i)) for i in range(8)]
-    jobs += [AdaptJob(name, *support(4, seed=9), 3, 0.02)]  # rate overridden (not via the API)
+    jobs += [
+        AdaptJob(f"test-{name}", *support(4, seed=9), 3, 0.02)
+    ]  # rate overridden (not via the API)
     futures = [engine.submit_adapt(job) for job in jobs]  # queued before the worker starts
     engine.start()
     try:
@@ -163,7 +165,7 @@ def test_a_classifier_adapts_with_class_indices(
 def test_a_conv_net_adapts_its_head_through_the_vmap_path(
     engine: Engine, meta_models: dict[str, MetaModel]
 ) -> None:
-    assert engine.runners["images"].batched.path == "vmap"
+    assert engine.runners["test-images"].batched.path == "vmap"
     g = torch.Generator().manual_seed(0)
     jobs = [  # flat rows of 64 values, as the API sends them; shots 2 and 4 per class
         adapt_job(
@@ -221,7 +223,7 @@ def test_predictions_batch_across_clients_and_equal_single_ones(
 ) -> None:
     meta = meta_models["sinusoid"]
     blobs = [
-        engine.submit_adapt(AdaptJob("sinusoid", *support(5, seed=i), 4, 0.02)).result().params
+        engine.submit_adapt(AdaptJob("test-sinusoid", *support(5, seed=i), 4, 0.02)).result().params
         for i in range(6)
     ]
     queries = [[[q / 2]] * (i + 1) for i, q in enumerate(range(-5, 1))]  # 1..6 queries each
@@ -236,7 +238,9 @@ def test_predictions_batch_across_clients_and_equal_single_ones(
         close(torch.tensor(out), torch.tensor(expected))
     stats = engine.stats()
     assert stats.cache.misses == 6 and stats.cache.entries == 6
-    again = engine.submit_predict(PredictJob("sinusoid", ("t", "c0", "1"), queries[0])).result()
+    again = engine.submit_predict(
+        PredictJob("test-sinusoid", ("t", "c0", "1"), queries[0])
+    ).result()
     assert again == outputs[0]  # a hit: no NotCached, nothing loaded
     assert engine.stats().cache.hits == 1
 
@@ -244,8 +248,8 @@ def test_predictions_batch_across_clients_and_equal_single_ones(
 def test_params_are_loaded_once_per_miss_and_a_new_version_is_never_stale(
     engine: Engine,
 ) -> None:
-    v1 = engine.submit_adapt(AdaptJob("sinusoid", *support(5, seed=1), 5, 0.05)).result()
-    v2 = engine.submit_adapt(AdaptJob("sinusoid", *support(5, seed=2), 5, 0.05)).result()
+    v1 = engine.submit_adapt(AdaptJob("test-sinusoid", *support(5, seed=1), 5, 0.05)).result()
+    v2 = engine.submit_adapt(AdaptJob("test-sinusoid", *support(5, seed=2), 5, 0.05)).result()
     loads: list[int] = []
 
     def loader(blob: bytes, version: int) -> bytes:
@@ -257,12 +261,14 @@ def test_params_are_loaded_once_per_miss_and_a_new_version_is_never_stale(
     second = predict(engine, "sinusoid", ("t", "c", "2"), q, lambda: loader(v2.params, 2)).result()
     assert loads == [1, 2]
     assert first != second
-    assert engine.submit_predict(PredictJob("sinusoid", ("t", "c", "2"), q)).result() == second
+    assert engine.submit_predict(PredictJob("test-sinusoid", ("t", "c", "2"), q)).result() == second
 
 
 def test_params_given_without_a_miss_are_used_but_never_cached(engine: Engine) -> None:
-    blob = engine.submit_adapt(AdaptJob("sinusoid", *support(5, seed=1), 5, 0.05)).result().params
-    job = PredictJob("sinusoid", ("t", "c", "1"), [[0.5]], params=blob)
+    blob = (
+        engine.submit_adapt(AdaptJob("test-sinusoid", *support(5, seed=1), 5, 0.05)).result().params
+    )
+    job = PredictJob("test-sinusoid", ("t", "c", "1"), [[0.5]], params=blob)
     assert (
         engine.submit_predict(job).result()
         == predict(engine, "sinusoid", ("t", "d", "1"), [[0.5]], lambda: blob).result()
@@ -271,14 +277,18 @@ def test_params_given_without_a_miss_are_used_but_never_cached(engine: Engine) -
 
 
 def test_forget_means_a_deleted_client_is_never_served_from_the_cache(engine: Engine) -> None:
-    blob = engine.submit_adapt(AdaptJob("sinusoid", *support(5, seed=1), 5, 0.05)).result().params
+    blob = (
+        engine.submit_adapt(AdaptJob("test-sinusoid", *support(5, seed=1), 5, 0.05)).result().params
+    )
     q = [[0.5]]
     predict(engine, "sinusoid", ("t", "c", "1"), q, lambda: blob).result()
     predict(engine, "sinusoid", ("t", "other", "1"), q, lambda: blob).result()
     engine.forget("t", "c")
     with pytest.raises(NotCached):  # a miss: refused at once; the caller reads the store
-        engine.submit_predict(PredictJob("sinusoid", ("t", "c", "1"), q))
-    engine.submit_predict(PredictJob("sinusoid", ("t", "other", "1"), q)).result()  # still cached
+        engine.submit_predict(PredictJob("test-sinusoid", ("t", "c", "1"), q))
+    engine.submit_predict(
+        PredictJob("test-sinusoid", ("t", "other", "1"), q)
+    ).result()  # still cached
     assert engine.stats().queued == 0  # the refusal queued nothing
 
 
@@ -288,33 +298,35 @@ def test_an_adaptation_is_cached_once_stored_unless_its_client_was_forgotten_sin
     """The cache's safety rule: a delete after an adaptation started keeps its params out
     of the cache (a client re-created under the same id must never get them)."""
     engine = make_engine(meta_models)
-    kept = engine.submit_adapt(AdaptJob("sinusoid", *support(5, seed=1), 5, 0.05))
-    overtaken = engine.submit_adapt(AdaptJob("sinusoid", *support(5, seed=2), 5, 0.05))
+    kept = engine.submit_adapt(AdaptJob("test-sinusoid", *support(5, seed=1), 5, 0.05))
+    overtaken = engine.submit_adapt(AdaptJob("test-sinusoid", *support(5, seed=2), 5, 0.05))
     engine.forget("t", "d")  # d is deleted while its adaptation waits for the worker
     engine.start()
     try:
         blob = kept.result(timeout=60)
         assert engine.stored(blob, ("t", "c", "1"))
-        no_read = PredictJob("sinusoid", ("t", "c", "1"), [[0.5]])
+        no_read = PredictJob("test-sinusoid", ("t", "c", "1"), [[0.5]])
         engine.submit_predict(no_read).result()  # cached: no NotCached
         assert (engine.stats().cache.hits, engine.stats().cache.misses) == (1, 0)
 
         assert not engine.stored(overtaken.result(timeout=60), ("t", "d", "1"))
-        later = engine.submit_adapt(AdaptJob("sinusoid", *support(5, seed=3), 5, 0.05))
+        later = engine.submit_adapt(AdaptJob("test-sinusoid", *support(5, seed=3), 5, 0.05))
         stale = later.result(timeout=60)  # adapted before c's delete, stored after it
         engine.forget("t", "c")
         assert not engine.stored(stale, ("t", "c", "2"))
         assert engine.stats().cache.entries == 0
         with pytest.raises(ValueError, match="do not fit"):  # params of another meta-model
-            engine.stored(replace(blob, meta_model="classes"), ("t", "e", "1"))
+            engine.stored(replace(blob, meta_model="test-classes"), ("t", "e", "1"))
     finally:
         engine.stop()
 
 
 def test_a_load_that_races_a_forget_is_not_cached(engine: Engine) -> None:
-    blob = engine.submit_adapt(AdaptJob("sinusoid", *support(5, seed=1), 5, 0.05)).result().params
+    blob = (
+        engine.submit_adapt(AdaptJob("test-sinusoid", *support(5, seed=1), 5, 0.05)).result().params
+    )
     with pytest.raises(NotCached) as miss:  # the miss, before the store is read ...
-        engine.submit_predict(PredictJob("sinusoid", ("t", "c", "1"), [[0.5]]))
+        engine.submit_predict(PredictJob("test-sinusoid", ("t", "c", "1"), [[0.5]]))
     engine.forget("t", "c")  # ... the delete commits while the request reads ...
     loaded = engine.submit_predict(miss.value.loaded(blob))  # ... and it submits again
     loaded.result(timeout=10)  # the request made before the delete is answered
@@ -329,7 +341,7 @@ def test_a_full_queue_refuses_at_once_with_retry_after(meta_models: dict[str, Me
     with pytest.raises(Unavailable) as refused:
         engine.submit_adapt(job)
     with pytest.raises(Unavailable):  # a prediction miss is refused before any read
-        engine.submit_predict(PredictJob("sinusoid", ("t", "c", "1"), [[0.0]]))
+        engine.submit_predict(PredictJob("test-sinusoid", ("t", "c", "1"), [[0.0]]))
     assert time.monotonic() - started < 5.0  # refused, not blocked
     assert refused.value.retry_after is not None and refused.value.retry_after >= 1.0
     assert engine.stats().rejected == 2
@@ -362,7 +374,9 @@ def test_stored_params_of_another_shape_are_refused(
     with pytest.raises(ValueError, match="do not fit"):
         predict(engine, "sinusoid", ("t", "c", "1"), [[0.0]], lambda: wrong)
     assert engine.stats().queued == 0
-    blob = engine.submit_adapt(AdaptJob("sinusoid", *support(5, seed=1), 5, 0.05)).result().params
+    blob = (
+        engine.submit_adapt(AdaptJob("test-sinusoid", *support(5, seed=1), 5, 0.05)).result().params
+    )
     assert predict(engine, "sinusoid", ("t", "c", "1"), [[0.0]], lambda: blob).result()
 
 
@@ -370,7 +384,7 @@ def test_a_failing_job_does_not_fail_its_batch(
     meta_models: dict[str, MetaModel], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engine = make_engine(meta_models)
-    runner = engine.runners["sinusoid"]
+    runner = engine.runners["test-sinusoid"]
     real = runner.adapt
 
     def fragile(works: list[AdaptWork]) -> list[Adapted]:
@@ -379,7 +393,9 @@ def test_a_failing_job_does_not_fail_its_batch(
         return real(works)
 
     monkeypatch.setattr(runner, "adapt", fragile)
-    jobs = [AdaptJob("sinusoid", *support(3, seed=i), 13 if i == 2 else 2, 0.01) for i in range(4)]
+    jobs = [
+        AdaptJob("test-sinusoid", *support(3, seed=i), 13 if i == 2 else 2, 0.01) for i in range(4)
+    ]
     futures = [engine.submit_adapt(job) for job in jobs]
     engine.start()
     try:
@@ -394,15 +410,16 @@ def test_a_failing_job_does_not_fail_its_batch(
 def test_stop_drains_queued_jobs_and_refuses_new_ones(meta_models: dict[str, MetaModel]) -> None:
     engine = make_engine(meta_models)
     queued = [
-        engine.submit_adapt(AdaptJob("sinusoid", *support(3, seed=i), 2, 0.01)) for i in range(3)
+        engine.submit_adapt(AdaptJob("test-sinusoid", *support(3, seed=i), 2, 0.01))
+        for i in range(3)
     ]
     engine.start()
     engine.stop()
     assert all(isinstance(f.result(timeout=0), Adapted) for f in queued)
     with pytest.raises(Unavailable):
-        engine.submit_adapt(AdaptJob("sinusoid", *support(3, seed=0), 2, 0.01))
+        engine.submit_adapt(AdaptJob("test-sinusoid", *support(3, seed=0), 2, 0.01))
     never = make_engine(meta_models)
-    orphan = never.submit_adapt(AdaptJob("sinusoid", *support(3, seed=0), 2, 0.01))
+    orphan = never.submit_adapt(AdaptJob("test-sinusoid", *support(3, seed=0), 2, 0.01))
     never.stop()  # never started: queued jobs fail instead of hanging
     assert isinstance(orphan.exception(timeout=0), Unavailable)
 
@@ -412,7 +429,7 @@ def test_cache_evicts_by_bytes(meta_models: dict[str, MetaModel]) -> None:
     engine = make_engine(meta_models, cache_bytes=2 * one)
     engine.start()
     try:
-        blob = engine.submit_adapt(AdaptJob("sinusoid", *support(3, seed=0), 1, 0.01)).result()
+        blob = engine.submit_adapt(AdaptJob("test-sinusoid", *support(3, seed=0), 1, 0.01)).result()
         for i in range(3):
             predict(engine, "sinusoid", ("t", f"c{i}", "1"), [[0.0]], lambda: blob.params).result()
         stats = engine.stats().cache
@@ -445,7 +462,7 @@ def test_the_engine_uses_the_meta_models_own_learner_on_its_own_copy(
     meta_models: dict[str, MetaModel],
 ) -> None:
     engine = make_engine(meta_models)
-    meta, runner = meta_models["images"], engine.runners["images"]
+    meta, runner = meta_models["images"], engine.runners["test-images"]
     learner = runner.batched.learner
     assert type(learner) is type(meta.learner) and learner.loss is meta.learner.loss
     assert learner.inner == meta.learner.inner

@@ -23,14 +23,17 @@ YS = [0.3, -1.1, 0.9, 1.7, -0.4]
 @pytest.fixture
 def engine(models_dir: Path, tmp_path: Path) -> Iterator[Engine]:
     settings = Settings(data_dir=tmp_path, models_dir=models_dir, device="cpu")
-    engine = Engine(load_meta_models(models_dir), settings)
+    meta_models = load_meta_models(models_dir)
+    for name, model in meta_models.items():
+        model.version = f"test-{name}"  # the engine's keys, as tiny_models names them
+    engine = Engine(meta_models, settings)
     engine.start()
     yield engine
     engine.stop()
 
 
 def test_adaptation_matches_plain_autograd_sgd(engine: Engine, reference: Reference) -> None:
-    adapted = engine.submit_adapt(AdaptJob("sinusoid", XS, YS, steps=7, lr=0.05)).result()
+    adapted = engine.submit_adapt(AdaptJob("test-sinusoid", XS, YS, steps=7, lr=0.05)).result()
     fast, before, after = reference.adapt(XS, YS, steps=7, lr=0.05)
     params = from_bytes(adapted.params)
     assert params.keys() == fast.keys()
@@ -42,7 +45,7 @@ def test_adaptation_matches_plain_autograd_sgd(engine: Engine, reference: Refere
 
 
 def test_predictions_use_the_adapted_params(engine: Engine, reference: Reference) -> None:
-    adapted = engine.submit_adapt(AdaptJob("sinusoid", XS, YS, steps=3, lr=0.02)).result()
+    adapted = engine.submit_adapt(AdaptJob("test-sinusoid", XS, YS, steps=3, lr=0.02)).result()
     loads: list[int] = []
 
     def params() -> bytes:
@@ -65,4 +68,4 @@ def test_predictions_use_the_adapted_params(engine: Engine, reference: Reference
 def test_a_stopped_engine_is_a_domain_error(engine: Engine) -> None:
     engine.stop()
     with pytest.raises(Unavailable):
-        engine.submit_adapt(AdaptJob("sinusoid", XS, YS, 5, 0.01))
+        engine.submit_adapt(AdaptJob("test-sinusoid", XS, YS, 5, 0.01))

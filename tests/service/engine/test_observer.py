@@ -36,9 +36,11 @@ def test_every_batch_is_reported_once_and_sizes_are_counted_by_kind(
     engine = Engine(meta_models, EngineConfig(device="cpu", max_batch_delay_ms=20.0), recorder)
     engine.start()
     try:
-        futures = [engine.submit_adapt(AdaptJob("sinusoid", *SUPPORT, 3, 0.02)) for _ in range(5)]
+        futures = [
+            engine.submit_adapt(AdaptJob("test-sinusoid", *SUPPORT, 3, 0.02)) for _ in range(5)
+        ]
         blobs = [f.result(timeout=60).params for f in futures]
-        job = PredictJob("sinusoid", ("t", "c", "1"), [[0.5]], params=blobs[0])
+        job = PredictJob("test-sinusoid", ("t", "c", "1"), [[0.5]], params=blobs[0])
         engine.submit_predict(job).result(timeout=60)
     finally:
         engine.stop()
@@ -62,7 +64,7 @@ def test_a_failing_observer_never_stops_the_device(
     engine.start()
     try:
         for _ in range(2):  # the second one runs after the observer failed
-            adapted = engine.submit_adapt(AdaptJob("sinusoid", *SUPPORT, 3, 0.02))
+            adapted = engine.submit_adapt(AdaptJob("test-sinusoid", *SUPPORT, 3, 0.02))
             assert adapted.result(timeout=60).steps == 3
     finally:
         engine.stop()

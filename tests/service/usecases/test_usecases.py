@@ -9,24 +9,26 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session
 
-from service.app import load_meta_models
 from service.engine import Engine
 from service.errors import NotFound
 from service.settings import Settings
 from service.store.group_commit import GroupCommit
-from service.usecases import DEFAULT_TENANT, Runtime, adapt, clients, predict
+from service.usecases import DEFAULT_TENANT, Runtime, adapt, clients, meta_models, predict
+from service.usecases.registry import ModelRegistry
 
 XS = [[-3.0], [-1.0], [0.5], [2.0], [4.5]]
 YS = [0.3, -1.1, 0.9, 1.7, -0.4]
 
 
 @pytest.fixture
-def runtime(models_dir: Path, tmp_path: Path) -> Iterator[Runtime]:
+def runtime(models_dir: Path, tmp_path: Path, session: Session) -> Iterator[Runtime]:
     settings = Settings(data_dir=tmp_path, models_dir=models_dir, device="cpu")
-    meta_models = load_meta_models(models_dir)
-    engine = Engine(meta_models, settings)
+    registry = ModelRegistry(settings)
+    shipped = meta_models.register_shipped(session=session, registry=registry, directory=models_dir)
+    engine = Engine({m.name: m for m in shipped}, settings)
+    registry.engine = engine
     engine.start()
-    yield Runtime(engine=engine, commits=GroupCommit(), meta_models=meta_models, settings=settings)
+    yield Runtime(engine=engine, commits=GroupCommit(), registry=registry, settings=settings)
     engine.stop()
 
 
