@@ -108,6 +108,9 @@ class ClientVersion(Base):
     # classification: the client's labels in output order (output i predicts labels[i])
     labels: Mapped[list[int | str] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # guardrails (migration 0008): what the adaptation did outside what its meta-model was
+    # trained for, or a support loss that rose, when settings allowed storing it anyway
+    warnings: Mapped[list[str]] = mapped_column(JSON, default=list, server_default="[]")
 
     client: Mapped[Client] = relationship(back_populates="versions")
 
