@@ -176,8 +176,8 @@ def untrained(
             problems.append(
                 (
                     "support.inputs",
-                    f"{len(targets)} points; meta-model {model.name!r} was "
-                    f"meta-trained for {lo} to {hi} (trained_for.support)",
+                    f"{len(targets)} point{'' if len(targets) == 1 else 's'}; meta-model "
+                    f"{model.name!r} was meta-trained for {lo} to {hi} (trained_for.support)",
                 )
             )
     else:
@@ -244,8 +244,8 @@ def _inner(
         raise InvalidInput(
             "inner_lr",
             f"meta-model {model.name!r} meta-learned its inner step sizes ({inner.learned_lr}) "
-            "with its initialisation, and adapts with them; one fixed rate would run an "
-            "inner loop it was never trained for. Leave inner_lr out",
+            "with its initialisation and adapts with them; they cannot be overridden, as one "
+            "fixed rate would run an inner loop it was never trained for. Leave inner_lr out",
         )
     if not 0 < lr <= settings.max_inner_lr:
         raise InvalidInput("inner_lr", f"must be > 0 and <= {settings.max_inner_lr:g}, got {lr}")

@@ -31,6 +31,15 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (401, 429)
 }
+# adaptations' 422s include the guardrails (README "Guardrails")
+GUARDED: dict[int | str, dict[str, Any]] = {
+    422: {
+        "model": ErrorResponse,
+        "description": "invalid_input naming the field (including a support size or step "
+        "count outside the meta-model's trained_for), or adaptation_diverged: the support "
+        "loss ended higher than it started. Nothing is stored.",
+    }
+}
 router = APIRouter(responses=ERRORS)
 health = APIRouter(responses={503: {"model": ErrorResponse}})
 
@@ -59,7 +68,9 @@ def get_meta_model(name: str, runtime: RuntimeDep) -> MetaModelResponse:
     return MetaModelResponse.model_validate(usecases.meta_models.get(runtime.meta_models, name))
 
 
-@router.post("/v1/clients/{client_id}/adaptations", status_code=201, tags=["clients"])
+@router.post(
+    "/v1/clients/{client_id}/adaptations", status_code=201, tags=["clients"], responses=GUARDED
+)
 def adapt(
     client_id: ClientId,
     body: AdaptRequest,
@@ -67,7 +78,9 @@ def adapt(
     runtime: RuntimeDep,
     tenant_id: TenantDep,
 ) -> AdaptResponse:
-    """Adapt a meta-model to the client's support set; the result is its new version."""
+    """Adapt a meta-model to the client's support set; the result is its new version.
+    Refused (422) outside what the meta-model was meta-trained for, or when the support
+    loss rose; settings may store such a version instead, listed in ``warnings``."""
     version = usecases.adapt.adapt(
         session=session,
         runtime=runtime,
@@ -82,7 +95,9 @@ def adapt(
     return AdaptResponse.model_validate(version)
 
 
-@router.post("/v1/clients/{client_id}/readaptations", status_code=201, tags=["clients"])
+@router.post(
+    "/v1/clients/{client_id}/readaptations", status_code=201, tags=["clients"], responses=GUARDED
+)
 def readapt(
     client_id: ClientId,
     session: SessionDep,

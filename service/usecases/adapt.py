@@ -44,7 +44,7 @@ def adapt(
     adapted = runtime.wait(runtime.engine.submit_adapt(request.job))
     diverged = divergence(adapted, allow=runtime.settings.allow_divergent)
     row = version_row(tenant_id=tenant_id, client_id=client_id, request=request, adapted=adapted)
-    row.warnings = [*request.warnings, *diverged]
+    row.warnings = [*row.warnings, *diverged]  # a rise let through (allow_divergent)
     try:
         runtime.commits.append(session=session, row=row)  # committed with concurrent ones
     except IntegrityError:  # the row lock makes this unexpected; the primary key still holds
@@ -120,7 +120,8 @@ def version_row(
     *, tenant_id: str, client_id: str, request: Adaptation, adapted: Adapted
 ) -> ClientVersion:
     """A client's next version, not yet stored: the adapted params, the support set as the
-    client sent it, the labels, the inner-loop settings and losses."""
+    client sent it, the labels, the inner-loop settings and losses, and the warnings of its
+    validation (a caller adds the ``divergence`` one)."""
     return ClientVersion(
         tenant_id=tenant_id,
         client_id=client_id,
@@ -136,5 +137,6 @@ def version_row(
         support_loss_after=adapted.loss_after,
         adapt_ms=adapted.adapt_ms,
         labels=request.labels,
+        warnings=list(request.warnings),  # what validation let through (allow_untrained)
         created_at=utcnow(),
     )

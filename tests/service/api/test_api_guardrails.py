@@ -82,7 +82,7 @@ def test_outside_the_trained_ranges_is_refused_naming_field_and_range(api: TestC
     error = error_of(post(api, support=ONE_POINT))
     assert error["type"] == "invalid_input"
     assert error["message"] == (
-        "support.inputs: 1 points; meta-model 'sinusoid' was meta-trained for 5 to 20 "
+        "support.inputs: 1 point; meta-model 'sinusoid' was meta-trained for 5 to 20 "
         "(trained_for.support)"
     )
     error = error_of(post(api, inner_steps=10))
@@ -131,7 +131,7 @@ def test_a_setting_stores_a_divergent_adaptation_flagged(make_api: ApiFactory) -
     body = response.json()
     assert body["support_loss_after"] > body["support_loss_before"]
     untrained, diverged = body["warnings"]
-    assert untrained.startswith("support.inputs: 1 points; ")
+    assert untrained.startswith("support.inputs: 1 point; ")
     assert diverged.startswith("support: the adaptation diverged: support loss ")
     assert losses(diverged) == pytest.approx((2.76, 13.28), abs=0.01)
     history = api.get("/v1/clients/alice").json()
@@ -180,3 +180,13 @@ def test_objects_for_a_meta_model_without_feature_names_are_refused(api: TestCli
     assert error["message"] == (
         "support.inputs[0]: meta-model 'sinusoid' names no features: send 1 number(s) per input"
     )
+
+
+def test_the_openapi_document_describes_the_guardrails(api: TestClient) -> None:
+    paths = api.get("/openapi.json").json()["paths"]
+    for path in ("/v1/clients/{client_id}/adaptations", "/v1/clients/{client_id}/readaptations"):
+        described = paths[path]["post"]["responses"]["422"]["description"]
+        assert "adaptation_diverged" in described and "trained_for" in described
+    schemas = api.get("/openapi.json").json()["components"]["schemas"]
+    assert "warnings" in schemas["AdaptResponse"]["properties"]
+    assert "features" in schemas["MetaModelResponse"]["properties"]
