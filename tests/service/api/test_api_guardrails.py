@@ -139,6 +139,15 @@ def test_a_setting_stores_a_divergent_adaptation_flagged(make_api: ApiFactory) -
     assert history["versions"][0]["warnings"] == [untrained, diverged]
 
 
+def test_a_readaptation_that_diverges_creates_nothing(make_api: ApiFactory) -> None:
+    lenient = make_api(allow_untrained=True, allow_divergent=True)
+    assert post(lenient, support=ONE_POINT).status_code == 201  # stored, flagged
+    strict = make_api(allow_untrained=True)
+    error = error_of(strict.post("/v1/clients/alice/readaptations"))
+    assert error["type"] == "adaptation_diverged"
+    assert strict.get("/v1/clients/alice").json()["current_version"] == 1
+
+
 # -- tabular: feature names ------------------------------------------------------------------
 def test_a_tabular_meta_model_lists_its_features_and_takes_objects(api: TestClient) -> None:
     described = api.get("/v1/meta-models/churn").json()
