@@ -26,6 +26,56 @@ LR_PREFIX = "inner_lr."
 
 
 @dataclass(frozen=True)
+class TrainedFor:
+    """What an artifact was meta-trained for, as ``config.json``'s ``trained_for`` block.
+
+    ``support``: the support sizes its episodes had, [min, max] points per task for
+    regression, examples per class for classification. ``inner_steps``: the inner-step
+    counts it accepts. With learned per-step rates that is the learned count alone: the
+    rates exist for exactly those steps (further steps reuse the last one) and a prefix
+    was never trained to stand alone. The service refuses requests outside these ranges.
+    An artifact without the block (one saved before it existed) is not checked.
+    """
+
+    support: tuple[int, int]  # [min, max] points (regression) or per class (classification)
+    inner_steps: tuple[int, int]  # [min, max] inner steps
+
+    def __post_init__(self) -> None:
+        for name in ("support", "inner_steps"):
+            lo, hi = getattr(self, name)
+            if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
+                raise ValueError(f"{name}: [min, max] with 1 <= min <= max, got {[lo, hi]}")
+            object.__setattr__(self, name, (lo, hi))
+
+    @classmethod
+    def of(cls, inner: InnerLoopConfig, support: tuple[int, int]) -> TrainedFor:
+        """What a trainer declares: its episodes' support sizes, and the inner steps it
+        meta-trained (``inner.steps``; fixed rates also any fewer: the same descent
+        stopped earlier, with the rate it was trained with)."""
+        fixed = inner.learned_lr == "none"
+        return cls(support=support, inner_steps=(1 if fixed else inner.steps, inner.steps))
+
+    def to_dict(self) -> dict[str, list[int]]:
+        return {"support": list(self.support), "inner_steps": list(self.inner_steps)}
+
+    @classmethod
+    def from_dict(cls, data: Any, *, where: str = "trained_for") -> TrainedFor:
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: an object with support and inner_steps")
+        for key in ("support", "inner_steps"):
+            value = data.get(key)
+            if not (isinstance(value, list) and len(value) == 2):
+                raise ValueError(f"{where}.{key}: [min, max] is missing")
+        unknown = sorted(set(data) - {"support", "inner_steps"})
+        if unknown:
+            raise ValueError(f"{where}.{unknown[0]}: not a trained_for key")
+        try:
+            return cls(tuple(data["support"]), tuple(data["inner_steps"]))
+        except ValueError as error:
+            raise ValueError(f"{where}.{error}") from None
+
+
+@dataclass(frozen=True)
 class ArtifactConfig:
     name: str  # what clients ask for, e.g. "sinusoid"
     family: str  # task family module under models.tasks
@@ -33,11 +83,20 @@ class ArtifactConfig:
     task: dict[str, Any]  # {"kind": "regression"|"classification", "input_shape": [...], ...}
     inner: InnerLoopConfig  # the default adaptation, exactly as meta-trained
     training: dict[str, Any] = field(default_factory=dict)  # command, seed, iterations, ...
+    trained_for: TrainedFor | None = None  # the ranges meta-trained for (None: not checked)
 
     def __post_init__(self) -> None:
         # A config built in code may name part of its net; the one it holds (and saves)
         # names every hyper-parameter the net depends on.
         object.__setattr__(self, "architecture", nets.resolve(self.architecture))
+        trained = self.trained_for
+        if trained is not None and not (
+            trained.inner_steps[0] <= self.inner.steps <= trained.inner_steps[1]
+        ):
+            raise ValueError(
+                f"trained_for.inner_steps {list(trained.inner_steps)} leaves out the default "
+                f"inner.steps {self.inner.steps}"
+            )
 
     @property
     def kind(self) -> str:
@@ -48,7 +107,7 @@ class ArtifactConfig:
         return tuple(self.task["input_shape"])
 
     def to_json(self) -> str:
-        data = {
+        data: dict[str, Any] = {
             "name": self.name,
             "family": self.family,
             "architecture": self.architecture,
@@ -56,6 +115,8 @@ class ArtifactConfig:
             "inner": self.inner.to_dict(),
             "training": self.training,
         }
+        if self.trained_for is not None:
+            data["trained_for"] = self.trained_for.to_dict()
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
@@ -69,7 +130,13 @@ class ArtifactConfig:
                 raise ValueError(f"{source}: {key} is missing")
         nets.parse(data["architecture"], complete=True, where=f"{source}: architecture")
         data["inner"] = InnerLoopConfig.from_dict(data["inner"], where=f"{source}: inner")
-        return cls(**data)
+        if "trained_for" in data:  # optional: older artifacts lack it (and are not checked)
+            where = f"{source}: trained_for"
+            data["trained_for"] = TrainedFor.from_dict(data["trained_for"], where=where)
+        try:
+            return cls(**data)
+        except ValueError as error:
+            raise ValueError(f"{source}: {error}") from None
 
 
 class MetaModel:

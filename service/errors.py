@@ -47,6 +47,13 @@ class InvalidInput(FastAdaptError):
         self.field = field
 
 
+class AdaptationDiverged(InvalidInput):
+    """An adaptation whose support loss ended higher than it started (or not finite): 422,
+    nothing stored (README "Guardrails")."""
+
+    type = "adaptation_diverged"
+
+
 class TooLarge(FastAdaptError):
     type = "too_large"
 

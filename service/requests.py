@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass
 
@@ -29,7 +30,8 @@ from service.errors import InvalidInput, TooLarge
 from service.settings import Settings
 
 Label = int | str  # a client's class label
-RawInput = list[float] | list[list[list[float]]] | str  # a row, an array, or a base64 image
+# a row, an array, a base64 image, or an object keyed by feature name (tabular meta-models)
+RawInput = list[float] | list[list[list[float]]] | str | dict[str, float]
 RawTarget = float | str  # a number, or a label (an int or a string)
 MetaModels = Mapping[str, MetaModel]
 
@@ -44,6 +46,8 @@ class Adaptation:
     support_inputs: str  # JSON, as the client sent them (rows, arrays or images)
     support_targets: str  # JSON, as the client sent them
     support_size: int  # K
+    # what was accepted outside the meta-model's trained_for (FASTADAPT_ALLOW_UNTRAINED)
+    warnings: tuple[str, ...] = ()
 
 
 def adaptation(
@@ -61,6 +65,7 @@ def adaptation(
     steps, lr = _inner(model, inner_steps, inner_lr, settings)
     x = model_inputs(model, inputs, field="support.inputs", settings=settings)
     y, labels = _targets(model, targets)
+    warnings = untrained(model, y, steps, settings)  # y: class indices for classification
     return Adaptation(
         model=model,
         job=AdaptJob(model.version, x, y, steps, lr, model=model),
@@ -68,6 +73,7 @@ def adaptation(
         support_inputs=json.dumps(inputs, separators=(",", ":")),
         support_targets=json.dumps(targets, separators=(",", ":")),
         support_size=len(inputs),
+        warnings=warnings,
     )
 
 
@@ -110,6 +116,8 @@ def model_inputs(
             gray = images.decode(item, field=where, max_pixels=settings.max_image_pixels)
             items.append(preprocess(gray).reshape(shape))  # once, as in training
             tensors = True
+        elif isinstance(item, dict):
+            items.append(_by_name(model, item, where))
         elif item and isinstance(item[0], list):
             try:
                 with np.errstate(over="ignore"):  # beyond float32's range: refused below
@@ -133,6 +141,81 @@ def model_inputs(
     return torch.stack(
         [x if isinstance(x, Tensor) else torch.tensor(x).reshape(shape) for x in items]
     )  # (N, *input_shape)
+
+
+def _by_name(model: MetaModel, item: Mapping[str, float], where: str) -> list[float]:
+    """An input given as ``{feature: value}``: the row in the meta-model's feature order."""
+    features: list[str] | None = model.config.task.get("features")
+    if not features:
+        width = math.prod(model.config.input_shape)
+        raise InvalidInput(
+            where, f"meta-model {model.name!r} names no features: send {width} number(s) per input"
+        )
+    unknown = [name for name in item if name not in features]
+    if unknown:
+        raise InvalidInput(
+            f"{where}.{unknown[0]}",
+            f"not a feature of meta-model {model.name!r} (features: {', '.join(features)})",
+        )
+    missing = [name for name in features if name not in item]
+    if missing:
+        raise InvalidInput(f"{where}.{missing[0]}", "missing; every feature needs a value")
+    return [item[name] for name in features]
+
+
+def untrained(
+    model: MetaModel, targets: Sequence[float] | Sequence[int], steps: int, settings: Settings
+) -> tuple[str, ...]:
+    """The ways this adaptation leaves what the meta-model was meta-trained for (its
+    ``trained_for``): a 422 naming the first, or, with ``allow_untrained``, each as a
+    warning. Regression counts support points; classification, each label's examples."""
+    trained = model.config.trained_for
+    if trained is None:  # an artifact saved before trained_for existed: nothing to check
+        return ()
+    problems: list[tuple[str, str]] = []
+    lo, hi = trained.support
+    if model.config.kind == "regression":
+        if not lo <= len(targets) <= hi:
+            problems.append(
+                (
+                    "support.inputs",
+                    f"{len(targets)} point{'' if len(targets) == 1 else 's'}; meta-model "
+                    f"{model.name!r} was meta-trained for {lo} to {hi} (trained_for.support)",
+                )
+            )
+    else:
+        counts = Counter(targets)  # class index -> examples, in order of first appearance
+        for index, count in counts.items():
+            if not lo <= count <= hi:  # named by its first example: labels are not quoted
+                first = list(targets).index(index)
+                problems.append(
+                    (
+                        f"support.targets[{first}]",
+                        f"its class has {count} example(s); "
+                        f"meta-model {model.name!r} was meta-trained for {lo} to {hi} per class "
+                        "(trained_for.support)",
+                    )
+                )
+                break
+    lo, hi = trained.inner_steps
+    if not lo <= steps <= hi:
+        trained_steps = f"exactly {lo}" if lo == hi else f"{lo} to {hi}"
+        why = ""
+        if model.config.inner.learned_lr == "per_layer_per_step":
+            why = (
+                ", the steps its rates were learned for (more would reuse the last rate, "
+                "fewer replay a prefix never trained to stand alone)"
+            )
+        problems.append(
+            (
+                "inner_steps",
+                f"{steps}; meta-model {model.name!r} was meta-trained for "
+                f"{trained_steps} inner steps{why} (trained_for.inner_steps)",
+            )
+        )
+    if problems and not settings.allow_untrained:
+        raise InvalidInput(*problems[0])
+    return tuple(f"{field}: {message}" for field, message in problems)
 
 
 def _support_size(inputs: Sized, targets: Sized, settings: Settings) -> None:
@@ -163,8 +246,9 @@ def _inner(
     if inner.learned_lr != "none":
         raise InvalidInput(
             "inner_lr",
-            f"meta-model {model.name!r} learns its inner learning rates ({inner.learned_lr}); "
-            "they cannot be overridden",
+            f"meta-model {model.name!r} meta-learned its inner step sizes ({inner.learned_lr}) "
+            "with its initialisation and adapts with them; they cannot be overridden, as one "
+            "fixed rate would run an inner loop it was never trained for. Leave inner_lr out",
         )
     if not 0 < lr <= settings.max_inner_lr:
         raise InvalidInput("inner_lr", f"must be > 0 and <= {settings.max_inner_lr:g}, got {lr}")

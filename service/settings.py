@@ -103,6 +103,18 @@ class Settings(BaseSettings):
         "made a version; after that the key may be used anew.",
     )
 
+    # -- guardrails (README "Guardrails") ----------------------------------------------------
+    allow_untrained: bool = Field(
+        default=False,
+        description="Accept support sizes and inner steps outside what a meta-model was "
+        "meta-trained for (its trained_for), with warnings, instead of a 422.",
+    )
+    allow_divergent: bool = Field(
+        default=False,
+        description="Store an adaptation whose support loss ended higher than it started, "
+        "flagged with a warning, instead of refusing it with a 422.",
+    )
+
     # -- engine ------------------------------------------------------------------------------
     max_batch_size: int = Field(
         default=256, ge=1, description="Most jobs the engine runs as one batch (1: no batching)."

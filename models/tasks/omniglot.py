@@ -36,7 +36,7 @@ from torch import Tensor
 
 from models import nets
 from models.augment import SupportShifts
-from models.checkpoint import ArtifactConfig, MetaModel
+from models.checkpoint import ArtifactConfig, MetaModel, TrainedFor
 from models.evaluate import mean_ci95
 from models.maml import LOSSES, InnerLoopConfig, LearnedLr, Learner
 from models.params import Params
@@ -472,7 +472,11 @@ class Recipe:
     def config(self, learned: bool) -> ArtifactConfig:
         inner = self.inner if learned else replace_learned(self.inner)
         training = {**self.training, "elapsed_s": round(self.trainer.elapsed(), 1)}
-        return ArtifactConfig(NAME, NAME, architecture(self.cfg), self.task, inner, training)
+        # support: the K the artifact serves (task.max_shot; stage 2 draws 1..max_train_shot)
+        trained_for = TrainedFor.of(inner, support=(1, MAX_SHOT))
+        return ArtifactConfig(
+            NAME, NAME, architecture(self.cfg), self.task, inner, training, trained_for
+        )
 
     def artifact(self, learned: bool) -> tuple[ArtifactConfig, Params, Params]:
         """The body, a zero head (no class favoured) and the inner rates, if learned."""

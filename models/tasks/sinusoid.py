@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from models import nets
-from models.checkpoint import ArtifactConfig, MetaModel
+from models.checkpoint import ArtifactConfig, MetaModel, TrainedFor
 from models.evaluate import ARTIFACTS, mean_ci95
 from models.maml import LOSSES, InnerLoopConfig, Learner
 from models.params import Params
@@ -107,6 +107,7 @@ def train(args: argparse.Namespace, argv: Sequence[str]) -> None:
         },
         inner=inner,
         training={"command": options.command(FAMILY, argv), "config": asdict(cfg)},
+        trained_for=TrainedFor.of(inner, support=(args.min_shots, args.max_shots)),
     )
     learner = Learner(net, LOSSES[config.kind], inner)
     params: Params = dict(net.named_parameters())

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from models import nets
-from models.checkpoint import ArtifactConfig, MetaModel
+from models.checkpoint import ArtifactConfig, MetaModel, TrainedFor
 from models.evaluate import Score, episode_scores
 from models.maml import LOSSES, InnerLoopConfig, Learner
 from models.params import Params
@@ -49,6 +49,7 @@ class Table:
     features: tuple[str, ...]
     regression: bool
     tasks: tuple[Task, ...]
+    dropped: tuple[tuple[str, str], ...] = ()  # (column, why) of columns left out
 
     @property
     def max_way(self) -> int:
@@ -88,11 +89,16 @@ def load_csv(path: str | Path, *, task_column: str, label_column: str, regressio
     for column in (task_column, label_column):
         if column not in rows[0]:
             raise ValueError(f"{path}: no column {column!r}; columns: {sorted(rows[0])}")
-    features = tuple(
-        c
-        for c in rows[0]
-        if c not in (task_column, label_column) and all(_number(r[c]) is not None for r in rows)
-    )
+    features: list[str] = []
+    dropped: list[tuple[str, str]] = []
+    for c in rows[0]:
+        if c in (task_column, label_column):
+            continue
+        bad = next((i for i, r in enumerate(rows) if _number(r[c]) is None), None)
+        if bad is None:
+            features.append(c)
+        else:  # line numbers count the header as line 1
+            dropped.append((c, f"line {bad + 2} holds {rows[bad][c]!r}, not a finite number"))
     if not features:
         raise ValueError(f"{path}: no numeric feature columns besides task and label")
     grouped: dict[str, list[dict[str, str]]] = {}
@@ -110,7 +116,21 @@ def load_csv(path: str | Path, *, task_column: str, label_column: str, regressio
             classes = sorted({r[label_column] for r in group})
             y = torch.tensor([classes.index(r[label_column]) for r in group])
         tasks.append(Task(name, x, y))
-    return Table(features, regression, tuple(tasks))
+    return Table(tuple(features), regression, tuple(tasks), tuple(dropped))
+
+
+def columns_report(table: Table, *, task_column: str, label_column: str) -> str:
+    """Which columns training uses, and which it dropped and why (``fastadapt train``)."""
+    lines = [
+        f"task column: {task_column}; label column: {label_column}",
+        f"features ({len(table.features)}): {', '.join(table.features)}",
+    ]
+    if table.dropped:
+        lines.append(f"dropped ({len(table.dropped)}), features must be numbers in every row:")
+        lines += [f"  {column}: {why}" for column, why in table.dropped]
+    else:
+        lines.append("dropped: none")
+    return "\n".join(lines)
 
 
 def sample(
@@ -193,6 +213,11 @@ def train(args: argparse.Namespace, argv: Sequence[str]) -> None:
         label_column=args.label_column,
         regression=args.regression,
     )
+    if rank.main:
+        print(
+            columns_report(table, task_column=args.task_column, label_column=args.label_column),
+            flush=True,
+        )
     train, held_out = table.split(args.held_out, cfg.seed)
     torch.manual_seed(cfg.seed)
     width = len(table.features)
@@ -225,6 +250,7 @@ def train(args: argparse.Namespace, argv: Sequence[str]) -> None:
         task=task,
         inner=inner,
         training={"command": options.command(FAMILY, argv), "config": asdict(cfg)},
+        trained_for=TrainedFor.of(inner, support=(args.shots[0], args.shots[1])),
     )
     learner = Learner(net, LOSSES[kind], inner)
     params: Params = dict(net.named_parameters())

@@ -30,6 +30,15 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (401, 429)
 }
+# adaptations' 422s include the guardrails (README "Guardrails")
+GUARDED: dict[int | str, dict[str, Any]] = {
+    422: {
+        "model": ErrorResponse,
+        "description": "invalid_input naming the field (including a support size or step "
+        "count outside the meta-model's trained_for), or adaptation_diverged: the support "
+        "loss ended higher than it started. Nothing is stored.",
+    }
+}
 router = APIRouter(responses=ERRORS)
 health = APIRouter(responses={503: {"model": ErrorResponse}})
 REPLAYED = "Idempotent-Replayed"  # "true" on the stored answer to an Idempotency-Key's retry
@@ -81,7 +90,7 @@ def readyz(request: Request, session: SessionDep, runtime: RuntimeDep) -> Status
     "/v1/clients/{client_id}/adaptations",
     status_code=201,
     tags=["clients"],
-    responses={201: {"headers": CREATED_HEADERS}},
+    responses={**GUARDED, 201: {"headers": CREATED_HEADERS}},
 )
 def adapt(
     client_id: ClientId,
@@ -93,7 +102,9 @@ def adapt(
     response: Response,
 ) -> AdaptResponse:
     """Adapt a meta-model to the client's support set; the result is its new version.
-    With an ``Idempotency-Key``, a retry answers the first response and adapts nothing."""
+    With an ``Idempotency-Key``, a retry answers the first response and adapts nothing.
+    Refused (422) outside what the meta-model was meta-trained for, or when the support
+    loss rose; settings may store such a version instead, listed in ``warnings``."""
     created = usecases.idempotency.once(
         session=session,
         runtime=runtime,
@@ -119,7 +130,7 @@ def adapt(
     "/v1/clients/{client_id}/readaptations",
     status_code=201,
     tags=["clients"],
-    responses={201: {"headers": CREATED_HEADERS}},
+    responses={**GUARDED, 201: {"headers": CREATED_HEADERS}},
 )
 def readapt(
     client_id: ClientId,

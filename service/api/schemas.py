@@ -26,6 +26,8 @@ Count = Annotated[int, Field(strict=True)]
 def _input_kind(value: Any) -> str:
     if isinstance(value, str):
         return "image"
+    if isinstance(value, dict):
+        return "object"
     return "array" if isinstance(value, list) and value and isinstance(value[0], list) else "row"
 
 
@@ -35,13 +37,15 @@ def _target_kind(value: Any) -> str:
     return "integer" if isinstance(value, int) and not isinstance(value, bool) else "number"
 
 
-# One input: a row of D numbers, an array of the meta-model's (C, H, W) input shape, or a
-# base64-encoded PNG/JPEG for image meta-models. The tags only pick the branch whose
+# One input: a row of D numbers, an array of the meta-model's (C, H, W) input shape, a
+# base64-encoded PNG/JPEG for image meta-models, or an object keyed by feature name for
+# meta-models that name their features (tabular). The tags only pick the branch whose
 # errors are reported; api/errors.py leaves them out of field names.
 Input = Annotated[
     Annotated[list[Number], Tag("row")]
     | Annotated[list[list[list[Number]]], Tag("array")]
-    | Annotated[str, Tag("image")],
+    | Annotated[str, Tag("image")]
+    | Annotated[dict[str, Number], Tag("object")],
     Discriminator(_input_kind),
 ]
 # A target: a number (regression) or a class label, any string or integer (classification).
@@ -51,7 +55,7 @@ Target = Annotated[
     | Annotated[StrictStr, Tag("label")],
     Discriminator(_target_kind),
 ]
-UNION_TAGS = frozenset({"row", "array", "image", "integer", "number", "label"})
+UNION_TAGS = frozenset({"row", "array", "image", "object", "integer", "number", "label"})
 Label = StrictInt | StrictStr
 MAX_VERSION = 2**31 - 1  # the INTEGER column's range
 ORIGIN = 'How the version was made: "adapt", "readapt", "examples", "rollback" or "reconcile".'
@@ -75,7 +79,8 @@ class Response(BaseModel):
 
 class SupportSet(Request):
     inputs: list[Input] = Field(
-        description="(K, ...) inputs: D numbers each, arrays of the input shape, or base64 images."
+        description="(K, ...) inputs: D numbers each, arrays of the input shape, base64 "
+        "images, or objects keyed by feature name (meta-models that list features)."
     )
     targets: list[Target] = Field(
         description="(K,) targets: numbers (regression) or labels, strings or integers."
@@ -96,9 +101,15 @@ class AdaptRequest(Request):
 
     meta_model: str = Field(description="Name of a loaded meta-model.")
     support: SupportSet
-    inner_steps: Count | None = Field(None, description="Default: the meta-model's.")
+    inner_steps: Count | None = Field(
+        None,
+        description="Default: the meta-model's; within its trained_inner_steps (with learned "
+        "per-step rates, the trained count alone).",
+    )
     inner_lr: Number | None = Field(
-        None, description="Default: the meta-model's; not allowed when its rates are learned."
+        None,
+        description="Default: the meta-model's; refused when its rates are learned (it adapts "
+        "with the rates it meta-learned).",
     )
 
 
@@ -106,9 +117,15 @@ class ReadaptRequest(Request):
     version: Annotated[int, Field(strict=True, ge=1, le=MAX_VERSION)] | None = Field(
         None, description="Whose support set to adapt again. Default: the current version's."
     )
-    inner_steps: Count | None = Field(None, description="Default: the meta-model's.")
+    inner_steps: Count | None = Field(
+        None,
+        description="Default: the meta-model's; within its trained_inner_steps (with learned "
+        "per-step rates, the trained count alone).",
+    )
     inner_lr: Number | None = Field(
-        None, description="Default: the meta-model's; not allowed when its rates are learned."
+        None,
+        description="Default: the meta-model's; refused when its rates are learned (it adapts "
+        "with the rates it meta-learned).",
     )
 
 
@@ -129,11 +146,17 @@ class AdaptResponse(Response):
     )
     origin: str = Field(description=ORIGIN)
     source_version: int | None = Field(description=SOURCE_VERSION)
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="What this version did outside what its meta-model was meta-trained for, "
+        "or a support loss that rose; stored only where the settings allow it (empty: none).",
+    )
 
 
 class PredictionRequest(Request):
     inputs: list[Input] = Field(
-        description="(Q, ...) inputs: D numbers each, arrays of the input shape, or base64 images."
+        description="(Q, ...) inputs: D numbers each, arrays of the input shape, base64 "
+        "images, or objects keyed by feature name (meta-models that list features)."
     )
     version: Annotated[int, Field(strict=True, ge=1, le=MAX_VERSION)] | None = Field(
         None, description="Default: the current version."
@@ -167,6 +190,9 @@ class VersionResponse(Response):
     support_loss_after: float
     adapt_ms: float
     labels: list[Label] | None = None
+    warnings: list[str] = Field(
+        default_factory=list, description="As in the adaptation's response (empty: none)."
+    )
     created_at: datetime
     origin: str = Field(description=ORIGIN)
     source_version: int | None = Field(description=SOURCE_VERSION)
@@ -193,6 +219,17 @@ class MetaModelResponse(Response):
     learned_lr: str = Field(description='"none", "per_param" (Meta-SGD), "per_layer_per_step".')
     max_way: int | None = Field(description="Classification: the most labels one client may use.")
     accepts_images: bool = Field(description="Inputs may be base64 PNG/JPEG images.")
+    features: list[str] | None = Field(
+        description="Tabular: the feature names, in the order of a row; inputs may also be "
+        "objects keyed by them. null when the meta-model names none."
+    )
+    trained_support: list[int] | None = Field(
+        description="[min, max] support points (regression) or examples per class "
+        "(classification) it was meta-trained for; null: not declared, not checked."
+    )
+    trained_inner_steps: list[int] | None = Field(
+        description="[min, max] inner_steps it accepts; null: not declared, not checked."
+    )
 
 
 class MetaModelList(Response):

@@ -129,6 +129,9 @@ class ClientVersion(Base):
     # reconcile or examples started from (None for a plain adaptation)
     origin: Mapped[str] = mapped_column(String(16), default="adapt", server_default="adapt")
     source_version: Mapped[int | None] = mapped_column(Integer, default=None)
+    # guardrails (migration 0008): what the adaptation did outside what its meta-model was
+    # trained for, or a support loss that rose, when settings allowed storing it anyway
+    warnings: Mapped[list[str]] = mapped_column(JSON, default=list, server_default="[]")
 
     client: Mapped[Client] = relationship(back_populates="versions")
 

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from models.checkpoint import MetaModel
 from service import requests
 from service.engine import Adapted
-from service.errors import Conflict, InvalidInput, NotFound
+from service.errors import AdaptationDiverged, Conflict, NotFound
 from service.requests import Adaptation, RawInput, RawTarget
 from service.store import repository
 from service.store.tables import ClientVersion, new_uid, utcnow
@@ -49,15 +49,11 @@ def adapt(
         inner_lr=inner_lr,
     )
     adapted = runtime.wait(runtime.engine.submit_adapt(request.job))
-    if not (math.isfinite(adapted.loss_before) and math.isfinite(adapted.loss_after)):
-        raise InvalidInput(
-            "support",
-            f"the adaptation diverged (support loss {adapted.loss_before:g} -> "
-            f"{adapted.loss_after:g}); lower inner_lr or inner_steps, or rescale the data",
-        )
+    diverged = divergence(adapted, allow=runtime.settings.allow_divergent)
     row = version_row(tenant_id=tenant_id, client_id=client_id, request=request, adapted=adapted)
     row.origin, row.source_version = origin, source_version
     stamp(row, idempotency)
+    row.warnings = [*row.warnings, *diverged]  # a rise let through (allow_divergent)
     try:
         runtime.commits.append(session=session, row=row)  # committed with concurrent ones
     except IntegrityError:  # the row lock makes this unexpected; the primary key still holds
@@ -118,11 +114,38 @@ def readapt(
     )
 
 
+# A support loss may end above where it started by float32 rounding alone (the losses are
+# float32 means over up to max_support points, loss_before from the first step's forward
+# pass and loss_after from another): 1e-4 relative is far above that, and far below any
+# real rise (the issue's one-point sinusoid: 2.76 -> 13.28, x4.8).
+DIVERGENCE_TOLERANCE = 1e-4
+
+
+def divergence(adapted: Adapted, *, allow: bool) -> list[str]:
+    """An adaptation whose support loss ended higher than it started is refused (422
+    ``adaptation_diverged``; nothing is stored), or, with ``allow``, flagged: the warning
+    to store with it. A loss that is not finite is refused either way."""
+    before, after = adapted.loss_before, adapted.loss_after
+    message = (
+        f"the adaptation diverged: support loss {before:.4g} before, {after:.4g} after; "
+        "send more support points (within the meta-model's trained_support), keep the "
+        "default inner_steps, or rescale the targets to the range it was meta-trained on"
+    )
+    if not (math.isfinite(before) and math.isfinite(after)):
+        raise AdaptationDiverged("support", message)
+    if after <= before * (1 + DIVERGENCE_TOLERANCE):
+        return []
+    if not allow:
+        raise AdaptationDiverged("support", message)
+    return [f"support: {message}"]
+
+
 def version_row(
     *, tenant_id: str, client_id: str, request: Adaptation, adapted: Adapted
 ) -> ClientVersion:
     """A client's next version, not yet stored: the adapted params, the support set as the
-    client sent it, the labels, the inner-loop settings and losses."""
+    client sent it, the labels, the inner-loop settings and losses, and the warnings of its
+    validation (a caller adds the ``divergence`` one)."""
     return ClientVersion(
         uid=new_uid(),
         tenant_id=tenant_id,
@@ -139,5 +162,6 @@ def version_row(
         support_loss_after=adapted.loss_after,
         adapt_ms=adapted.adapt_ms,
         labels=request.labels,
+        warnings=list(request.warnings),  # what validation let through (allow_untrained)
         created_at=utcnow(),
     )

@@ -49,10 +49,13 @@ class MetaModelInfo:
     learned_lr: str
     max_way: int | None  # classification: the most labels one client may use
     accepts_images: bool  # inputs may be base64 PNG/JPEG
+    features: list[str] | None  # tabular: the feature names, in row order
+    trained_support: list[int] | None  # [min, max] meta-trained for (None: not declared)
+    trained_inner_steps: list[int] | None
 
 
 def describe(model: MetaModel) -> MetaModelInfo:
-    config, inner = model.config, model.config.inner
+    config, inner, trained = model.config, model.config.inner, model.config.trained_for
     return MetaModelInfo(
         name=model.name,
         version=model.version,
@@ -67,6 +70,9 @@ def describe(model: MetaModel) -> MetaModelInfo:
         learned_lr=inner.learned_lr,
         max_way=config.task.get("max_way"),
         accepts_images=tasks.family(config.family).preprocess is not None,
+        features=list(config.task["features"]) if config.task.get("features") else None,
+        trained_support=list(trained.support) if trained else None,
+        trained_inner_steps=list(trained.inner_steps) if trained else None,
     )
 
 

@@ -93,3 +93,32 @@ def test_meta_training_from_csv_beats_the_initialisation(tmp_path: Path, regress
         assert score.adapted[0] < 0.5 * score.unadapted[0]
     else:
         assert score.adapted[0] > 0.8 and score.unadapted[0] < 0.5, score
+
+
+def test_train_prints_the_columns_it_used_and_those_it_dropped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data, out = tmp_path / "d.csv", tmp_path / "art"
+    write_csv(data, regression=True, tasks=6, rows=12)
+    flags = "--iterations 1 --validate-every 1 --meta-batch 2 --hidden 4 --device cpu"
+    args = ["--data", str(data), "--task-column", "customer", "--label-column", "label"]
+    train(["tabular", *args, "--regression", "--out", str(out), *flags.split()])
+    printed = capsys.readouterr().out
+    assert "task column: customer; label column: label\nfeatures (2): x1, x2\n" in printed
+    assert "dropped (1), features must be numbers in every row:\n" in printed
+    assert "  note: line 2 holds 'n/a', not a finite number\n" in printed
+    meta = MetaModel.load(out)
+    assert meta.config.task["features"] == ["x1", "x2"]
+    assert meta.config.trained_for is not None
+    assert meta.config.trained_for.support == (2, 10)  # --shots' default
+    assert meta.config.trained_for.inner_steps == (5, 5)  # learned per-step rates
+
+
+def test_a_csv_with_nothing_dropped_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text("t,a,y\nt1,1,0\nt1,2,1\n")
+    table = tabular.load_csv(path, task_column="t", label_column="y", regression=True)
+    assert table.dropped == ()
+    assert tabular.columns_report(table, task_column="t", label_column="y").endswith(
+        "features (1): a\ndropped: none"
+    )

@@ -84,6 +84,9 @@ def test_meta_models_are_described(api: TestClient, sinusoid: MetaModel) -> None
         "learned_lr": "none",
         "max_way": None,
         "accepts_images": False,
+        "features": None,  # not tabular
+        "trained_support": None,  # an artifact that declares no trained_for: not checked
+        "trained_inner_steps": None,
     }
     learned = api.get("/v1/meta-models/sinusoid-metasgd").json()
     assert learned["inner_lr"] is None and learned["learned_lr"] == "per_param"
