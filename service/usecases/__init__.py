@@ -7,7 +7,7 @@ client's previous version current and intact. Requests arrive validated, as the 
 objects of ``service.requests``.
 """
 
-from service.usecases import adapt, census, clients, keys, meta_models, predict
+from service.usecases import adapt, census, clients, keys, meta_models, predict, reconcile
 from service.usecases.runtime import DEFAULT_TENANT, Runtime
 
 __all__ = [
@@ -19,4 +19,5 @@ __all__ = [
     "keys",
     "meta_models",
     "predict",
+    "reconcile",
 ]

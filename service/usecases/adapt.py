@@ -32,23 +32,16 @@ def adapt(
     inner_lr: float | None = None,
 ) -> ClientVersion:
     """Adapt the meta-model to the support set and store the result as the next version."""
-    request = requests.adaptation(
-        meta_models=runtime.meta_models,
-        settings=runtime.settings,
+    row, adapted = adapted_version(
+        runtime=runtime,
+        tenant_id=tenant_id,
+        client_id=client_id,
         meta_model=meta_model,
         inputs=inputs,
         targets=targets,
         inner_steps=inner_steps,
         inner_lr=inner_lr,
     )
-    adapted = runtime.wait(runtime.engine.submit_adapt(request.job))
-    if not (math.isfinite(adapted.loss_before) and math.isfinite(adapted.loss_after)):
-        raise InvalidInput(
-            "support",
-            f"the adaptation diverged (support loss {adapted.loss_before:g} -> "
-            f"{adapted.loss_after:g}); lower inner_lr or inner_steps, or rescale the data",
-        )
-    row = version_row(tenant_id=tenant_id, client_id=client_id, request=request, adapted=adapted)
     try:
         runtime.commits.append(session=session, row=row)  # committed with concurrent ones
     except IntegrityError:  # the row lock makes this unexpected; the primary key still holds
@@ -92,6 +85,39 @@ def readapt(
         inner_steps=inner_steps,
         inner_lr=inner_lr,
     )
+
+
+def adapted_version(
+    *,
+    runtime: Runtime,
+    tenant_id: str,
+    client_id: str,
+    meta_model: str,
+    inputs: Sequence[RawInput],
+    targets: Sequence[RawTarget],
+    inner_steps: int | None = None,
+    inner_lr: float | None = None,
+) -> tuple[ClientVersion, Adapted]:
+    """Validate an adaptation, run it on the engine (no transaction open) and return the
+    client's next version, not yet stored, with the engine's result."""
+    request = requests.adaptation(
+        meta_models=runtime.meta_models,
+        settings=runtime.settings,
+        meta_model=meta_model,
+        inputs=inputs,
+        targets=targets,
+        inner_steps=inner_steps,
+        inner_lr=inner_lr,
+    )
+    adapted = runtime.wait(runtime.engine.submit_adapt(request.job))
+    if not (math.isfinite(adapted.loss_before) and math.isfinite(adapted.loss_after)):
+        raise InvalidInput(
+            "support",
+            f"the adaptation diverged (support loss {adapted.loss_before:g} -> "
+            f"{adapted.loss_after:g}); lower inner_lr or inner_steps, or rescale the data",
+        )
+    row = version_row(tenant_id=tenant_id, client_id=client_id, request=request, adapted=adapted)
+    return row, adapted
 
 
 def version_row(
