@@ -57,7 +57,10 @@ def start_reconcile(
     restarts. 202 with the job (done at once when no client is stale); 404 for an
     unknown meta-model; 409 while a job on it is queued or running."""
     status = usecases.reconcile.start(
-        session=session, runtime=runtime, tenant_id=caller.tenant_id, meta_model=name
+        session=session,
+        meta_models=runtime.meta_models,
+        tenant_id=caller.tenant_id,
+        meta_model=name,
     )
     return job_response(status)
 

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from models.checkpoint import MetaModel
 from service.errors import Conflict, FastAdaptError, NotFound, Unavailable
+from service.requests import MetaModels
 from service.store import jobs, repository
 from service.store.jobs import Claim
 from service.store.tables import Job, utcnow
@@ -33,10 +34,10 @@ MAX_LISTED = 100  # failed and skipped clients a job's status lists at most
 MAX_REASON = 500  # characters of a reason kept
 
 
-def promoted(runtime: Runtime, name: str) -> MetaModel | None:
+def promoted(*, session: Session, meta_models: MetaModels, name: str) -> MetaModel | None:
     """The version of meta-model ``name`` that new adaptations use (the one lookup of it
-    here: rewire it to the meta-model registry)."""
-    return runtime.meta_models.get(name)
+    here: rewire it to the meta-model registry, which ``session`` reaches)."""
+    return meta_models.get(name)
 
 
 def provenance(source_version: int) -> dict[str, object]:
@@ -66,10 +67,12 @@ class JobStatus:
 
 
 @storing
-def start(*, session: Session, runtime: Runtime, tenant_id: str, meta_model: str) -> JobStatus:
+def start(
+    *, session: Session, meta_models: MetaModels, tenant_id: str, meta_model: str
+) -> JobStatus:
     """A job re-adapting the tenant's stale clients of ``meta_model`` (done at once when
     none is stale); 404 for an unknown meta-model, 409 while another job on it runs."""
-    model = promoted(runtime, meta_model)
+    model = promoted(session=session, meta_models=meta_models, name=meta_model)
     if model is None:
         raise NotFound(f"unknown meta-model {meta_model!r}")
     running = jobs.active_job(session=session, tenant_id=tenant_id, meta_model=meta_model)
@@ -179,7 +182,7 @@ def run(*, session: Session, runtime: Runtime, worker: str, claim: Claim) -> str
         held = jobs.release(session=session, worker=worker, keys=[claim.key])
         session.commit()
         return "released" if held else "lost"
-    model = promoted(runtime, claim.meta_model)
+    model = promoted(session=session, meta_models=runtime.meta_models, name=claim.meta_model)
     if model is None or model.version != claim.target:
         now_at = "not loaded" if model is None else f"now at {model.version[:12]}"
         reason = f"meta-model {claim.meta_model!r} is {now_at}, not the job's version"

@@ -116,11 +116,15 @@ def test_claims_leases_and_the_compare_and_swap(
     target = new.meta_models["sinusoid"].version
     assert v1 != target
     with sessions() as session:
-        started = reconcile.start(session=session, runtime=new, tenant_id=T, meta_model="sinusoid")
+        started = reconcile.start(
+            session=session, meta_models=new.meta_models, tenant_id=T, meta_model="sinusoid"
+        )
     job = started.job
     assert (job.state, job.total, job.target) == ("queued", 6, target)
     with sessions() as session, pytest.raises(Conflict):  # one job at a time
-        reconcile.start(session=session, runtime=new, tenant_id=T, meta_model="sinusoid")
+        reconcile.start(
+            session=session, meta_models=new.meta_models, tenant_id=T, meta_model="sinusoid"
+        )
 
     with sessions() as session:
         a = reconcile.claim(session=session, worker="A", lease_s=60, limit=2)
@@ -168,7 +172,9 @@ def test_claims_leases_and_the_compare_and_swap(
         ("c5", "the client was adapted again meanwhile"),
     }
     with sessions() as session:  # nothing stale now: a job that is done at once
-        again = reconcile.start(session=session, runtime=new, tenant_id=T, meta_model="sinusoid")
+        again = reconcile.start(
+            session=session, meta_models=new.meta_models, tenant_id=T, meta_model="sinusoid"
+        )
     assert (again.job.state, again.job.total, again.eta_s) == ("done", 0, 0.0)
 
 
@@ -179,7 +185,9 @@ def test_a_failing_client_keeps_its_version_and_is_listed(
     new = make_runtime(dirs[1], max_support=4)  # the re-adaptation of 5 points is refused
     adapt_clients(sessions, old, ["big"])
     with sessions() as session:
-        job = reconcile.start(session=session, runtime=new, tenant_id=T, meta_model="sinusoid").job
+        job = reconcile.start(
+            session=session, meta_models=new.meta_models, tenant_id=T, meta_model="sinusoid"
+        ).job
         (item,) = reconcile.claim(session=session, worker="A", lease_s=60, limit=4)
         assert reconcile.run(session=session, runtime=new, worker="A", claim=item) == "failed"
         status = reconcile.get(session=session, tenant_id=T, job_id=job.id)
@@ -197,7 +205,9 @@ def test_cancel_stops_claims(
     old, new = make_runtime(dirs[0]), make_runtime(dirs[1])
     adapt_clients(sessions, old, ["a", "b"])
     with sessions() as session:
-        job = reconcile.start(session=session, runtime=new, tenant_id=T, meta_model="sinusoid").job
+        job = reconcile.start(
+            session=session, meta_models=new.meta_models, tenant_id=T, meta_model="sinusoid"
+        ).job
         (held,) = reconcile.claim(session=session, worker="A", lease_s=60, limit=1)
         cancelled = reconcile.cancel(session=session, tenant_id=T, job_id=job.id)
         assert cancelled.job.state == "cancelled" and cancelled.eta_s == 0.0
@@ -222,7 +232,9 @@ def test_two_runners_racing_reconcile_each_client_exactly_once(
     ids = [f"r{i:02d}" for i in range(12)]
     adapt_clients(sessions, old, ids)
     with sessions() as session:
-        job = reconcile.start(session=session, runtime=new, tenant_id=T, meta_model="sinusoid").job
+        job = reconcile.start(
+            session=session, meta_models=new.meta_models, tenant_id=T, meta_model="sinusoid"
+        ).job
     runners = [Reconciler(sessions, new), Reconciler(sessions, new)]
 
     def drain(runner: Reconciler) -> None:
