@@ -4,9 +4,10 @@ database's reconcile jobs (``service.usecases.reconcile``) alongside the others.
 Idle, it looks for claimable items every ``reconcile_poll_s`` (a read). It claims
 ``reconcile_claim`` items at a time for ``reconcile_lease_s``, re-adapts them one at a
 time (so the engine interleaves them with serving, never a batch of them at once), at
-most ``reconcile_rate`` clients per second, and renews the lease of the rest after each
-(the heartbeat); the items of a killed process are claimed again once their lease
-expires. On shutdown it finishes the client in hand and hands the rest back.
+most ``reconcile_rate`` clients per second, and renews the lease of the rest between
+clients once a third of it has passed (the heartbeat); the items of a killed process
+are claimed again once their lease expires. On shutdown it finishes the client in hand
+and hands the rest back.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from service.usecases.runtime import Runtime
 
 log = logging.getLogger(__name__)
 ERROR_PAUSE_S = 5.0  # after an unexpected error (the database down, say)
+RENEW_AFTER = 3  # the heartbeat renews the claims once a third of their lease has passed
 
 
 def worker_id() -> str:
@@ -86,6 +88,7 @@ class Reconciler:
             )
         busy = bool(claims)
         interval = 1.0 / settings.reconcile_rate
+        renewed = time.monotonic()
         while claims and not self._stop.is_set():
             started = time.monotonic()
             claim, claims = claims[0], claims[1:]
@@ -94,8 +97,9 @@ class Reconciler:
                     session=session, runtime=self.runtime, worker=self.worker, claim=claim
                 )
                 self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
-                if claims:
+                if claims and time.monotonic() - renewed > lease / RENEW_AFTER:
                     reconcile.renew(session=session, worker=self.worker, claims=claims)
+                    renewed = time.monotonic()
             if outcome == "released":  # the engine is busy or the job was cancelled
                 busy = False  # wait a poll before claiming again
                 break

@@ -70,10 +70,12 @@ class Server:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(timeout=30)
+                code = self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 raise
+            # a clean shutdown, the reconcile runner stopped first
+            assert code in (0, -signal.SIGTERM), self.log.read_text()
         self.http.close()
 
 
