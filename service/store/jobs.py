@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import cast
 
-from sqlalchemy import Select, Table, exists, func, select, tuple_, update
+from sqlalchemy import Select, Table, case, exists, func, literal, select, tuple_, update
 from sqlalchemy.orm import Session
 
-from service.store.tables import Client, ClientVersion, Job, JobItem, utcnow
+from service.store.tables import Client, ClientVersion, Job, JobItem, UTCDateTime, utcnow
 
 ACTIVE = ("queued", "running")
 
@@ -102,8 +102,8 @@ def active_job(*, session: Session, tenant_id: str, meta_model: str) -> Job | No
 
 
 def get_job(*, session: Session, tenant_id: str, job_id: str) -> Job | None:
-    """The job, if it is the tenant's (another tenant's job is unknown)."""
-    job = session.get(Job, job_id)
+    """The job as stored now, if it is the tenant's (another tenant's job is unknown)."""
+    job = session.get(Job, job_id, populate_existing=True)
     return job if job is not None and job.tenant_id == tenant_id else None
 
 
@@ -264,14 +264,20 @@ def finish(
     return True
 
 
-def cancel(*, session: Session, job: Job) -> None:
+def cancel(*, session: Session, job_id: str) -> None:
     """Stop a queued or running job: its unclaimed items are never claimed; an item a
-    process is re-adapting now still finishes."""
-    if job.state in ACTIVE:
-        job.state = "cancelled"
-        job.finished_at = utcnow()
-    job.cancel_requested = True
-    session.flush()
+    process is re-adapting now still finishes. One statement (a write first)."""
+    active = Job.state.in_(ACTIVE)
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(
+            state=case((active, "cancelled"), else_=Job.state),
+            finished_at=case((active, literal(utcnow(), UTCDateTime())), else_=Job.finished_at),
+            cancel_requested=True,
+        )
+        .execution_options(synchronize_session=False)
+    )
 
 
 def append_if_current(

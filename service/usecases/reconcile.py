@@ -32,6 +32,11 @@ from service.usecases.runtime import Runtime, storing
 
 MAX_LISTED = 100  # failed and skipped clients a job's status lists at most
 MAX_REASON = 500  # characters of a reason kept
+# READS_THEN_WRITE: a use case here that reads and then writes ends its reads first (a
+# rollback), so that its write starts a transaction of its own. On SQLite a transaction
+# that read an older snapshot cannot take the write lock once another connection has
+# committed (SQLITE_BUSY at once, without the busy timeout's wait): the runners commit
+# often. What was read is re-checked by the write (claims, compare-and-swap).
 
 
 def promoted(*, session: Session, meta_models: MetaModels, name: str) -> MetaModel | None:
@@ -83,6 +88,7 @@ def start(
     stale = jobs.stale_clients(
         session=session, tenant_id=tenant_id, meta_model=meta_model, target=model.version
     )
+    session.rollback()  # end the reads: see READS_THEN_WRITE
     now = utcnow()
     job = Job(
         id=uuid.uuid4().hex,
@@ -123,8 +129,11 @@ def cancel(*, session: Session, tenant_id: str, job_id: str) -> JobStatus:
         raise NotFound(f"unknown job {job_id!r}")
     if job.state == "done":
         raise Conflict(f"job {job_id} is already done")
-    jobs.cancel(session=session, job=job)
+    session.rollback()  # end the reads: see READS_THEN_WRITE
+    jobs.cancel(session=session, job_id=job_id)
     session.commit()
+    job = jobs.get_job(session=session, tenant_id=tenant_id, job_id=job_id)
+    assert job is not None  # a job is never deleted
     listed = jobs.problems(session=session, job_id=job.id, limit=MAX_LISTED)
     return status(job, [Problem(*p) for p in listed], now=utcnow())
 
@@ -179,6 +188,7 @@ def run(*, session: Session, runtime: Runtime, worker: str, claim: Claim) -> str
     "done", "failed", "skipped", "released" (cancelled job, or the engine unavailable:
     back to pending) or "lost" (the lease expired and another process took it over)."""
     if jobs.job_state(session=session, job_id=claim.job_id) != "running":
+        session.rollback()  # end the reads: see READS_THEN_WRITE
         held = jobs.release(session=session, worker=worker, keys=[claim.key])
         session.commit()
         return "released" if held else "lost"
@@ -248,6 +258,7 @@ def run(*, session: Session, runtime: Runtime, worker: str, claim: Claim) -> str
 
 
 def _record(session: Session, worker: str, claim: Claim, state: str, reason: str) -> str:
+    session.rollback()  # end the reads: see READS_THEN_WRITE
     if not jobs.finish(
         session=session,
         worker=worker,
