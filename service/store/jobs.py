@@ -290,36 +290,52 @@ def append_if_current(
     stays deleted. The conditional ``UPDATE`` locks the client's row (on SQLite, the
     database) until the transaction ends, so a concurrent adaptation waits for it."""
     table = _table(Client)
-    locked = session.execute(
+    versions = _table(ClientVersion)
+    same = (
+        select(versions.c.version)
+        .where(
+            versions.c.tenant_id == row.tenant_id,
+            versions.c.client_id == row.client_id,
+            versions.c.version == expected_version,
+            versions.c.meta_model_version == expected_sha,  # not a re-created namesake
+        )
+        .exists()
+    )
+    swapped = session.execute(
         update(table)
         .where(
             table.c.tenant_id == row.tenant_id,
             table.c.client_id == row.client_id,
             table.c.current_version == expected_version,
+            same,
         )
-        .values(updated_at=utcnow())
+        .values(current_version=expected_version + 1, updated_at=utcnow())
         .returning(table.c.current_version)
     ).first()
-    if locked is None:
-        return False
-    sha = session.scalar(
-        select(ClientVersion.meta_model_version).where(
-            ClientVersion.tenant_id == row.tenant_id,
-            ClientVersion.client_id == row.client_id,
-            ClientVersion.version == expected_version,
-        )
-    )
-    if sha != expected_sha:  # deleted and re-created since: another client by the same id
+    if swapped is None:
         return False
     row.version = expected_version + 1
     session.add(row)
     session.flush()
-    session.execute(
-        update(table)
-        .where(table.c.tenant_id == row.tenant_id, table.c.client_id == row.client_id)
-        .values(current_version=row.version)
-    )
     return True
+
+
+def support_set(
+    *, session: Session, tenant_id: str, client_id: str, version: int
+) -> tuple[str, str, str] | None:
+    """``(meta_model_version, support_inputs, support_targets)`` of one version, in one
+    query (JSON text as the client sent it)."""
+    stmt = select(
+        ClientVersion.meta_model_version,
+        ClientVersion.support_inputs,
+        ClientVersion.support_targets,
+    ).where(
+        ClientVersion.tenant_id == tenant_id,
+        ClientVersion.client_id == client_id,
+        ClientVersion.version == version,
+    )
+    found = session.execute(stmt).first()
+    return None if found is None else (str(found[0]), str(found[1]), str(found[2]))
 
 
 def count_items(*, session: Session, job_id: str) -> dict[str, int]:
@@ -330,5 +346,5 @@ def count_items(*, session: Session, job_id: str) -> dict[str, int]:
     return {str(state): int(n) for state, n in session.execute(stmt)}
 
 
-def _table(cls: type[Client] | type[JobItem]) -> Table:
+def _table(cls: type[Client] | type[ClientVersion] | type[JobItem]) -> Table:
     return cast(Table, cls.__table__)

@@ -197,16 +197,16 @@ def run(*, session: Session, runtime: Runtime, worker: str, claim: Claim) -> str
         now_at = "not loaded" if model is None else f"now at {model.version[:12]}"
         reason = f"meta-model {claim.meta_model!r} is {now_at}, not the job's version"
         return _record(session, worker, claim, "skipped", reason)
-    source = repository.get_version(
+    source = jobs.support_set(
         session=session,
         tenant_id=claim.tenant_id,
         client_id=claim.client_id,
         version=claim.from_version,
     )
-    if source is None or source.meta_model_version != claim.from_sha:
+    if source is None or source[0] != claim.from_sha:
         return _record(session, worker, claim, "skipped", "the client was deleted")
-    inputs = json.loads(source.support_inputs)
-    targets = json.loads(source.support_targets)
+    inputs = json.loads(source[1])  # as the client sent them: rows, arrays or images
+    targets = json.loads(source[2])
     session.close()  # no transaction is open while the engine works
     try:
         row, adapted = adapted_version(
