@@ -2,7 +2,8 @@
 from artifact v1, servers restarted on v2 (same name, other weights), a job started with
 ``fastadapt reconcile``; one process is killed (-9) mid-job and restarted, predictions keep
 answering 200 on the other throughout, and the job completes with each stale client
-re-adapted exactly once, a client deleted mid-job not resurrected, a failing one listed."""
+re-adapted exactly once, a client deleted after the job was created not resurrected, a
+failing one listed."""
 
 from __future__ import annotations
 
@@ -123,7 +124,9 @@ def test_a_reconcile_survives_a_killed_process(env: dict[str, str], tmp_path: Pa
     log = tmp_path / "servers.log"
     support = {"inputs": XS, "targets": YS}
     with servers() as running:
-        old = Server(env | {"FASTADAPT_MODELS_DIR": str(v1)}, log).ready()
+        # the old release: no part in reconcile jobs (it would skip them: not its version)
+        old_env = env | {"FASTADAPT_MODELS_DIR": str(v1), "FASTADAPT_RECONCILE_RATE": "0"}
+        old = Server(old_env, log).ready()
         running.append(old)
         for i, client_id in enumerate([*STALE, "big"]):
             ys = [y + 0.05 * i for y in YS]
@@ -132,9 +135,6 @@ def test_a_reconcile_survives_a_killed_process(env: dict[str, str], tmp_path: Pa
                 body["support"] = {"inputs": [*XS, [4.0]], "targets": [*ys, 0.5]}
             created = old.http.post(f"/v1/clients/{client_id}/adaptations", json=body)
             assert created.status_code == 201, created.text
-        old.stop()
-        running.clear()
-
         on_v2 = env | {
             "FASTADAPT_MODELS_DIR": str(v2),
             "FASTADAPT_MAX_SUPPORT": "5",
@@ -143,6 +143,13 @@ def test_a_reconcile_survives_a_killed_process(env: dict[str, str], tmp_path: Pa
             "FASTADAPT_RECONCILE_LEASE_S": "2",
             "FASTADAPT_RECONCILE_CLAIM": "2",
         }
+        # the job is stored before any process runs it; then a client is deleted
+        started = cli(on_v2, "reconcile", "sinusoid", "--tenant", "default")
+        job_id = started.split()[1].rstrip(":")
+        assert old.http.delete("/v1/clients/c29").status_code == 204
+        old.stop()
+        running.clear()
+
         a, b = Server(on_v2, log), Server(on_v2, log)
         running += [a.ready(), b.ready()]
         body = {"meta_model": "sinusoid", "support": support}
@@ -160,10 +167,6 @@ def test_a_reconcile_survives_a_killed_process(env: dict[str, str], tmp_path: Pa
         predictor = threading.Thread(target=predict)
         predictor.start()
         try:
-            started = cli(on_v2, "reconcile", "sinusoid", "--tenant", "default")
-            job_id = started.split()[1].rstrip(":")
-            # deleted mid-job (the items run in client order: c29 comes last)
-            assert b.http.delete("/v1/clients/c29").status_code == 204
             job = wait_for(b, job_id, lambda j: j["done"] >= 2)
             assert job["state"] == "running", job
             a.kill()  # mid-job, holding claims
