@@ -6,6 +6,7 @@ client exactly once."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -256,3 +257,29 @@ def test_two_runners_racing_reconcile_each_client_exactly_once(
     assert (status.job.state, status.job.done, status.job.failed) == ("done", 12, 0)
     done = sum(r.outcomes.get("done", 0) for r in runners)
     assert done == 12  # each client's version appended once, whoever ran it
+
+
+def test_a_re_adaptation_that_makes_the_loss_worse_creates_nothing(
+    sessions: sessionmaker[Session],
+    make_runtime: RuntimeFactory,
+    dirs: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    old, new = make_runtime(dirs[0]), make_runtime(dirs[1])
+    adapt_clients(sessions, old, ["worse"])
+    real = reconcile.adapted_version
+
+    def worse(**kwargs: Any) -> tuple[Any, Any]:  # the engine's answer, its loss raised
+        row, adapted = real(**kwargs)
+        return row, dataclasses.replace(adapted, loss_after=adapted.loss_before * 5 + 1)
+
+    monkeypatch.setattr(reconcile, "adapted_version", worse)
+    with sessions() as session:
+        job = reconcile.start(
+            session=session, meta_models=new.meta_models, tenant_id=T, meta_model="sinusoid"
+        ).job
+        (item,) = reconcile.claim(session=session, worker="A", lease_s=60, limit=4)
+        assert reconcile.run(session=session, runtime=new, worker="A", claim=item) == "failed"
+        (problem,) = reconcile.get(session=session, tenant_id=T, job_id=job.id).problems
+    assert problem.reason.startswith("the re-adaptation made the support loss worse")
+    assert len(versions(sessions, "worse")) == 1
