@@ -20,12 +20,13 @@ from sqlalchemy.orm import Session
 
 from models import tasks
 from models.checkpoint import MetaModel, discover
-from service.api import docs, errors, keys, metrics, routes, stats, versions
+from service.api import docs, errors, jobs, keys, metrics, routes, stats, versions
 from service.api import meta_models as meta_model_routes
 from service.api.deps import get_principal, get_session
 from service.api.middleware import BodyLimit
 from service.api.observe import Observe
 from service.auth import Guard
+from service.background import Reconciler
 from service.engine import Engine, configure_threads
 from service.settings import Settings
 from service.store.group_commit import GroupCommit
@@ -106,6 +107,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     if app_metrics is not None:
         app_metrics.attach(app.state.runtime)
+    reconciler = app.state.reconciler = Reconciler(app.state.sessions, app.state.runtime)
     # Sync routes wait for the engine in anyio's worker threads (40 by default): give
     # every job the engine may hold a thread, so that under overload the engine's bounded
     # queue refuses (503 + Retry-After) instead of requests queueing for a thread.
@@ -115,10 +117,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # overhead (measured in phase 1). Frozen objects are still freed by reference counting.
     gc.collect()
     gc.freeze()
+    reconciler.start()  # after the freeze: its objects are short-lived
     try:
         yield
     finally:
         app.state.stopping.set()
+        reconciler.stop()  # before the engine: the client in hand finishes
         engine.stop(timeout=settings.shutdown_timeout_s)  # queued jobs finish, within bounds
         database.dispose()
         gc.unfreeze()  # back to the collector (tests start many apps in one process)
@@ -172,7 +176,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     docs.install(app)
     app.include_router(routes.health)  # open: probes
     authenticated = [Depends(get_principal)]  # every /v1 route: 401 / 429 before the route
-    routers = (routes.router, meta_model_routes.router, versions.router, stats.router, keys.router)
+    routers = (
+        routes.router,
+        meta_model_routes.router,
+        versions.router,
+        jobs.router,
+        stats.router,
+        keys.router,
+    )
     for router in routers:
         app.include_router(router, dependencies=authenticated, responses=routes.AUTH_ERRORS)
     if settings.metrics:

@@ -1,4 +1,4 @@
-"""The ``fastadapt`` command: serve, migrate, keys, meta-models, train, eval."""
+"""The ``fastadapt`` command: serve, migrate, keys, meta-models, reconcile, train, eval."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -23,6 +24,9 @@ from service.settings import Settings
 from service.store import migrate as migrations
 from service.store.session import connect, session_factory
 from service.store.tables import ApiKey
+
+if TYPE_CHECKING:
+    from service.usecases.reconcile import JobStatus
 
 log = logging.getLogger("fastadapt")
 STARTUP_FAILED = 3  # the exit status of a server whose start-up failed (uvicorn's)
@@ -42,6 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return keys(parsed)
     if parsed.command == "meta-models":
         return meta_models(parsed)
+    if parsed.command == "reconcile":
+        return reconcile(parsed)
     return migrate()
 
 
@@ -64,6 +70,14 @@ def _parser() -> argparse.ArgumentParser:
     revoke = actions.add_parser("revoke", help="revoke a key: refused within 5 s everywhere")
     revoke.add_argument("id", help="the key's id (key_...), as `fastadapt keys list` shows")
     _meta_models_parser(commands)
+    reconcile = commands.add_parser(
+        "reconcile",
+        help="re-adapt a tenant's clients of a meta-model onto its promoted version "
+        "(the serving processes do the work)",
+    )
+    reconcile.add_argument("name", help="the meta-model")
+    reconcile.add_argument("--tenant", required=True, help="whose clients")
+    reconcile.add_argument("--wait", action="store_true", help="print progress until it ends")
     commands.add_parser("train", help="meta-train a meta-model (fastadapt train --help)")
     commands.add_parser("eval", help="meta-test a meta-model (fastadapt eval --help)")
     return parser
@@ -177,6 +191,60 @@ def keys(parsed: argparse.Namespace) -> int:
     finally:
         database.dispose()
     return 0
+
+
+def reconcile(parsed: argparse.Namespace, poll_s: float = 1.0) -> int:
+    """``fastadapt reconcile NAME --tenant T [--wait]``: start a reconcile job (the servers
+    run it; ``--wait`` prints its progress until it is done or cancelled)."""
+    settings = Settings()
+    problem = _prepare_schema(settings)
+    if problem:
+        print(f"fastadapt: {problem}", file=sys.stderr)
+        return 2
+    from service.usecases import reconcile as usecase
+    from service.usecases.registry import ModelRegistry
+
+    database = connect(settings.database_url)
+    try:
+        with session_factory(database)() as session:
+            status = usecase.start(
+                session=session,
+                registry=ModelRegistry(settings),
+                tenant_id=parsed.tenant,
+                meta_model=parsed.name,
+            )
+            job = status.job
+            print(f"job {job.id}: {job.total} clients of {job.meta_model} onto {job.target[:12]}")
+            while parsed.wait:
+                _print_job(status)
+                if status.job.state in ("done", "cancelled"):
+                    break
+                time.sleep(poll_s)
+                session.expire_all()
+                status = usecase.get(session=session, tenant_id=parsed.tenant, job_id=job.id)
+    except FastAdaptError as exc:
+        print(f"fastadapt: {exc.message}", file=sys.stderr)
+        return 1
+    except SQLAlchemyError as exc:
+        print(f"fastadapt: cannot use {_shown(settings)}: {type(exc).__name__}", file=sys.stderr)
+        return 2
+    finally:
+        database.dispose()
+    return 0
+
+
+def _print_job(status: JobStatus) -> None:
+    job = status.job
+    rate = "-" if status.rate is None else f"{status.rate:.1f}/s"
+    eta = "-" if status.eta_s is None else f"{status.eta_s:.0f} s"
+    print(
+        f"{job.state}: {job.done} done, {job.failed} failed, {job.skipped} skipped of "
+        f"{job.total}; {rate}, {eta} left",
+        flush=True,
+    )
+    if job.state in ("done", "cancelled"):
+        for problem in status.problems:
+            print(f"  {problem.state} {problem.client_id}: {problem.reason}")
 
 
 def _print_keys(rows: Sequence[ApiKey]) -> None:

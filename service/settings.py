@@ -172,6 +172,26 @@ class Settings(BaseSettings):
         description="One JSON line per request on the `fastadapt.access` logger (stdout).",
     )
 
+    # -- reconcile jobs ----------------------------------------------------------------------
+    reconcile_rate: float = Field(
+        default=10.0,
+        ge=0,
+        description="Most clients per second this process re-adapts for reconcile jobs, one "
+        "at a time (0: this process takes no part in them).",
+    )
+    reconcile_poll_s: float = Field(
+        default=1.0, gt=0, description="How often an idle process looks for reconcile work."
+    )
+    reconcile_lease_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="How long a claim on a client lasts unless renewed: the clients of a "
+        "killed process are taken over after this.",
+    )
+    reconcile_claim: int = Field(
+        default=4, ge=1, le=100, description="Clients a process claims at a time."
+    )
+
     @model_validator(mode="after")
     def _resolve(self) -> Self:
         if self.min_inner_steps > self.max_inner_steps:

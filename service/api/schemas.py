@@ -350,3 +350,34 @@ class ExamplesRequest(Request):
     inner_lr: Number | None = Field(
         None, description="Default: the meta-model's; not allowed when its rates are learned."
     )
+
+
+# -- reconcile jobs ----------------------------------------------------------------------------
+class JobProblem(Response):
+    client_id: str
+    state: Literal["failed", "skipped"] = Field(
+        description="failed: its re-adaptation was refused or diverged, and it keeps its "
+        "version; skipped: deleted or adapted again meanwhile, or the promoted version changed."
+    )
+    reason: str
+
+
+class JobResponse(Response):
+    id: str = Field(description="The job's id (32 hex digits).")
+    kind: str = Field(description='"reconcile".')
+    meta_model: str
+    target: str = Field(description="The meta-model version (sha256) clients are moved onto.")
+    state: Literal["queued", "running", "done", "cancelled"]
+    total: int = Field(description="Stale clients when the job was created.")
+    done: int = Field(description="Clients re-adapted: each has one new version.")
+    failed: int
+    skipped: int
+    rate: float | None = Field(description="Clients finished per second since the job started.")
+    eta_s: float | None = Field(description="Estimated seconds left (0 once finished).")
+    problems: list[JobProblem] = Field(
+        description="Failed clients with the reason, then skipped ones (at most 100)."
+    )
+    problems_truncated: bool = Field(description="More failed or skipped clients than listed.")
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None

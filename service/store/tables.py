@@ -17,10 +17,12 @@ from datetime import UTC, datetime
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     DateTime,
     Dialect,
     Float,
     ForeignKeyConstraint,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -129,7 +131,7 @@ class ClientVersion(Base):
     # reconcile or examples started from (None for a plain adaptation)
     origin: Mapped[str] = mapped_column(String(16), default="adapt", server_default="adapt")
     source_version: Mapped[int | None] = mapped_column(Integer, default=None)
-    # guardrails (migration 0008): what the adaptation did outside what its meta-model was
+    # guardrails (migration 0007): what the adaptation did outside what its meta-model was
     # trained for, or a support loss that rose, when settings allowed storing it anyway
     warnings: Mapped[list[str]] = mapped_column(JSON, default=list, server_default="[]")
 
@@ -173,3 +175,54 @@ class MetaModelName(Base):
     name: Mapped[str] = mapped_column(String(128), primary_key=True)
     promoted_sha: Mapped[str] = mapped_column(String(64))
     promoted_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+# -- reconcile jobs (issue 11) -----------------------------------------------------------------
+JOB_STATES = ("queued", "running", "done", "cancelled")
+ITEM_STATES = ("pending", "claimed", "done", "failed", "skipped")
+
+
+class Job(Base):
+    """A background job of a tenant, stored so that it survives restarts and is shared by
+    every process: ``kind`` "reconcile" re-adapts the tenant's clients of ``meta_model``
+    that are on another version than ``target`` (the sha promoted when it was created)."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # uuid4 hex, public
+    tenant_id: Mapped[str] = mapped_column(String(64), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # reconcile
+    meta_model: Mapped[str] = mapped_column(String(128))
+    target: Mapped[str] = mapped_column(String(64))  # sha256 of the promoted weights
+    state: Mapped[str] = mapped_column(String(16))  # JOB_STATES
+    total: Mapped[int] = mapped_column(Integer)
+    done: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    skipped: Mapped[int] = mapped_column(Integer, default=0)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+
+
+class JobItem(Base):
+    """One client of a job: claimed by one process at a time, for a lease that the process
+    renews while it works (an expired lease, of a killed process, is claimed again)."""
+
+    __tablename__ = "job_items"
+    __table_args__ = (
+        ForeignKeyConstraint(["job_id"], ["jobs.id"], ondelete="CASCADE"),
+        Index("ix_job_items_state_claimed_at", "state", "claimed_at"),
+    )
+
+    job_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    client_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    # the client's current version when the job was created: the new version is appended
+    # only if it is still current (and still of this meta-model version)
+    from_version: Mapped[int] = mapped_column(Integer)
+    from_sha: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))  # ITEM_STATES
+    claimed_by: Mapped[str | None] = mapped_column(String(128), default=None)  # a process id
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)  # the lease
+    to_version: Mapped[int | None] = mapped_column(Integer, default=None)  # the new version
+    error: Mapped[str | None] = mapped_column(Text, default=None)  # why failed or skipped

@@ -15,6 +15,7 @@ from service.usecases import (
     keys,
     meta_models,
     predict,
+    reconcile,
     registry,
     versions,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "keys",
     "meta_models",
     "predict",
+    "reconcile",
     "registry",
     "versions",
 ]

@@ -40,20 +40,18 @@ def adapt(
     result as the next version (made by ``origin``, from ``source_version``: see
     ``ClientVersion``; recording ``idempotency``'s key with it: see
     ``usecases.idempotency``)."""
-    request = requests.adaptation(
+    row, adapted = adapted_version(
+        runtime=runtime,
         model=promoted(session=session, runtime=runtime, name=meta_model),
-        settings=runtime.settings,
+        tenant_id=tenant_id,
+        client_id=client_id,
         inputs=inputs,
         targets=targets,
         inner_steps=inner_steps,
         inner_lr=inner_lr,
     )
-    adapted = runtime.wait(runtime.engine.submit_adapt(request.job))
-    diverged = divergence(adapted, allow=runtime.settings.allow_divergent)
-    row = version_row(tenant_id=tenant_id, client_id=client_id, request=request, adapted=adapted)
     row.origin, row.source_version = origin, source_version
     stamp(row, idempotency)
-    row.warnings = [*row.warnings, *diverged]  # a rise let through (allow_divergent)
     try:
         runtime.commits.append(session=session, row=row)  # committed with concurrent ones
     except IntegrityError:  # the row lock makes this unexpected; the primary key still holds
@@ -138,6 +136,35 @@ def divergence(adapted: Adapted, *, allow: bool) -> list[str]:
     if not allow:
         raise AdaptationDiverged("support", message)
     return [f"support: {message}"]
+
+
+def adapted_version(
+    *,
+    runtime: Runtime,
+    model: MetaModel,
+    tenant_id: str,
+    client_id: str,
+    inputs: Sequence[RawInput],
+    targets: Sequence[RawTarget],
+    inner_steps: int | None = None,
+    inner_lr: float | None = None,
+) -> tuple[ClientVersion, Adapted]:
+    """Validate an adaptation of meta-model version ``model``, run it on the engine (no
+    transaction open) and return the client's next version, not yet stored, with the
+    engine's result; a support loss that rose is refused or flagged (``divergence``)."""
+    request = requests.adaptation(
+        model=model,
+        settings=runtime.settings,
+        inputs=inputs,
+        targets=targets,
+        inner_steps=inner_steps,
+        inner_lr=inner_lr,
+    )
+    adapted = runtime.wait(runtime.engine.submit_adapt(request.job))
+    diverged = divergence(adapted, allow=runtime.settings.allow_divergent)
+    row = version_row(tenant_id=tenant_id, client_id=client_id, request=request, adapted=adapted)
+    row.warnings = [*row.warnings, *diverged]  # a rise let through (allow_divergent)
+    return row, adapted
 
 
 def version_row(

@@ -1,4 +1,4 @@
-"""Migration 0007: versions stored before it get fresh, distinct uids; keys are unique
+"""Migration 0006: versions stored before it get fresh, distinct uids; keys are unique
 per tenant afterwards."""
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def test_existing_versions_get_distinct_uids(
             )
             for v in range(1, count + 1):
                 connection.execute(text(VERSION), {"c": client, "v": v, "p": b"x", "now": now})
-    migrate.upgrade(url, "0007")
+    migrate.upgrade(url, "0006")
     with engine.connect() as connection:
         uids = connection.execute(text("SELECT uid FROM client_versions")).scalars().all()
         assert len(uids) == 5 and len(set(uids)) == 5
