@@ -1,7 +1,9 @@
 """The MetaModel artifact: ``config.json`` + ``weights.safetensors`` + ``weights.sha256``.
 
 The sha256 of the weights file is the meta-model's version. Learned inner learning
-rates (Meta-SGD, MAML++) travel in the same safetensors file under ``inner_lr.``.
+rates (Meta-SGD, MAML++) travel in the same safetensors file under ``inner_lr.``, and so
+does a fitted softmax temperature (``calibration.temperature``, a scalar; absent: 1), so
+recalibrating an artifact changes its version, as it changes its probabilities.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
 DIGEST_FILE = "weights.sha256"
 LR_PREFIX = "inner_lr."
+TEMPERATURE_KEY = "calibration.temperature"
 
 
 @dataclass(frozen=True)
@@ -142,18 +145,31 @@ class ArtifactConfig:
 class MetaModel:
     """A loaded meta-learned initialisation: adapts per client, predicts per client."""
 
-    def __init__(self, config: ArtifactConfig, params: Params, lrs: Params, version: str) -> None:
+    def __init__(
+        self,
+        config: ArtifactConfig,
+        params: Params,
+        lrs: Params,
+        version: str,
+        temperature: float | None = None,
+    ) -> None:
         self.config = config
         self.net = nets.build(config.architecture)
         self.learner = Learner(self.net, LOSSES[config.kind], config.inner)
         self.params = detached(params)
         self.lrs = detached(lrs)
         self.version = version
+        self.calibration = temperature  # None: uncalibrated (the probabilities use 1)
         self.support_shifts = SupportShifts.from_task(config.task)  # None: sets stay as given
 
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def temperature(self) -> float:
+        """What a classifier's logits are divided by before the softmax (1: none fitted)."""
+        return 1.0 if self.calibration is None else self.calibration
 
     def to(self, device: torch.device | str) -> MetaModel:
         self.net.to(device)
@@ -184,7 +200,10 @@ class MetaModel:
 
     # -- files -------------------------------------------------------------------------------
     def weights_bytes(self) -> bytes:
-        return to_bytes({**self.params, **{LR_PREFIX + n: t for n, t in self.lrs.items()}})
+        tensors = {**self.params, **{LR_PREFIX + n: t for n, t in self.lrs.items()}}
+        if self.calibration is not None:
+            tensors[TEMPERATURE_KEY] = torch.tensor(self.calibration, dtype=torch.float64)
+        return to_bytes(tensors)
 
     def save(self, directory: str | Path) -> str:
         out = Path(directory)
@@ -224,15 +243,24 @@ class MetaModel:
             tensors = from_bytes(weights)
         except Exception as exc:  # safetensors' own error types differ between versions
             raise ValueError(f"{source}: {WEIGHTS_FILE} is not safetensors ({exc})") from None
-        lrs = {n[len(LR_PREFIX) :]: t for n, t in tensors.items() if n.startswith(LR_PREFIX)}
-        params = {n: t for n, t in tensors.items() if not n.startswith(LR_PREFIX)}
+        params, lrs, temperature = split_weights(tensors)
         net = nets.build(config.architecture)
         expected = {n: tuple(p.shape) for n, p in net.named_parameters()}
         got = {n: tuple(params[n].shape) for n in expected if n in params}
         if got != expected:
             missing = sorted(n for n in expected if got.get(n) != expected[n])
             raise ValueError(f"{source}: weights do not fit the config's net ({missing[:3]})")
-        return cls(config, params, lrs, digest)
+        return cls(config, params, lrs, digest, temperature)
+
+
+def split_weights(tensors: Params) -> tuple[Params, Params, float | None]:
+    """A weights file's tensors -> (net parameters, learned inner rates, temperature)."""
+    lrs = {n[len(LR_PREFIX) :]: t for n, t in tensors.items() if n.startswith(LR_PREFIX)}
+    params = {
+        n: t for n, t in tensors.items() if not n.startswith(LR_PREFIX) and n != TEMPERATURE_KEY
+    }
+    temperature = tensors.get(TEMPERATURE_KEY)
+    return params, lrs, None if temperature is None else float(temperature)
 
 
 def discover(root: str | Path) -> list[Path]:

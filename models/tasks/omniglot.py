@@ -1,10 +1,13 @@
 """The Omniglot family: N-way K-shot classification of handwritten characters.
 
-Data: the two background zips in ``../shared/data/omniglot/`` (8 distinct alphabets;
-Greek and Latin are in both zips byte for byte and are loaded once). Whole alphabets are
-held out (``HELD_OUT``), so held-out characters come from scripts never trained on.
-Training classes are (character, rotation by 0/90/180/270 degrees); held-out classes
-are the unrotated characters.
+Data: the background zips in ``../shared/data/omniglot/``, whichever of ``ZIPS`` are
+there: the full background set (30 alphabets, 964 characters) and its two small subsets
+(8 alphabets; every file found in more than one zip must be byte-identical and is loaded
+once). Whole alphabets are held out, so held-out characters come from scripts never
+trained on: ``HELD_OUT`` (6 alphabets, by a seeded rule fixed before any result) when the
+data holds the full set, else ``SMALL_HELD_OUT`` (the two smallest of the 8). Training
+classes are (character, rotation by 0/90/180/270 degrees); held-out classes are the
+unrotated characters.
 
 ``preprocess`` is the one function that turns a grayscale image of any size into the
 model's input: training calls it on the decoded PNGs, the service on uploads.
@@ -14,7 +17,11 @@ The recipe (``fastadapt train omniglot``) runs the image stages of
 optionally prototypical fine-tuning (``--proto-episodes``; ``--init DIR`` starts the body
 from an artifact's instead of stage 1), then ANIL meta-training (``--iterations``). The
 meta-test (``fastadapt eval omniglot``) adapts to N-way K-shot tasks of the held-out
-alphabets through ``MetaModel.adapt`` + ``predict``, exactly as the service serves them.
+alphabets through ``MetaModel.adapt`` + ``predict``, exactly as the service serves them:
+within-alphabet 20-way 1-shot episodes built like Lake et al.'s runs, and N-way K-shot
+episodes across the held-out alphabets, each with a 95% interval and the expected
+calibration error, and writes a reliability diagram (``models.calibration``). The artifact's
+softmax temperature is fitted on the training split's episodes (unrotated characters).
 """
 
 from __future__ import annotations
@@ -24,17 +31,17 @@ import sys
 import time
 import zipfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models import nets
+from models import calibration, nets
 from models.augment import SupportShifts
 from models.checkpoint import ArtifactConfig, MetaModel, TrainedFor
 from models.evaluate import mean_ci95
@@ -59,9 +66,23 @@ SIZE = 28
 INPUT_SHAPE = (1, SIZE, SIZE)
 MAX_WAY = 20  # head outputs: one artifact serves any N in 2..MAX_WAY
 MAX_SHOT = 10
-ZIPS = ("images_background_small1.zip", "images_background_small2.zip")
-# The two alphabets with the fewest characters (39 of 242), so training keeps the most.
-HELD_OUT = ("Early_Aramaic", "Tagalog")
+# Read whichever are present; the small two are byte-for-byte subsets of the first.
+ZIPS = ("images_background.zip", "images_background_small1.zip", "images_background_small2.zip")
+DRAWERS = 20  # drawings per character, one per drawer; index i is drawer i + 1 (file "_NN")
+# The held-out alphabets of the full background set, chosen before any result by the rule
+# HELD_OUT_RULE (tests re-derive it): every alphabet holds a within-alphabet 20-way run.
+HELD_OUT_RULE = "random.Random(13).sample(sorted(alphabets with at least 20 characters), 6), sorted"
+HELD_OUT = (
+    "Balinese",
+    "Burmese_(Myanmar)",
+    "Cyrillic",
+    "Malay_(Jawi_-_Arabic)",
+    "Mkhedruli_(Georgian)",
+    "Sanskrit",
+)
+# With only the two small zips (8 alphabets): the two with the fewest characters (39 of
+# 242), so training keeps the most (the shipped artifact's split).
+SMALL_HELD_OUT = ("Early_Aramaic", "Tagalog")
 OUTPUT = "logits over max_way classes; class i is the i-th label of the support set"
 
 PREPROCESS: dict[str, Any] = {
@@ -102,23 +123,31 @@ def preprocess(image: Tensor | np.ndarray) -> Tensor:
 class Omniglot:
     """All characters: ``images`` (C, 20, 1, 28, 28) float, one alphabet name per character."""
 
-    images: Tensor  # (C, 20, 1, 28, 28)
+    images: Tensor  # (C, 20, 1, 28, 28): drawing i of each character is drawer i + 1's
     alphabets: tuple[str, ...]  # (C,) alphabet of each character
     characters: tuple[str, ...]  # (C,) "alphabet/characterNN"
-    raw_files: int  # PNG files read across both zips, duplicates included
+    raw_files: int  # PNG files read across the zips, duplicates included
 
     def indices(self, alphabets: tuple[str, ...] | list[str], keep: bool = True) -> list[int]:
         chosen = set(alphabets)
         return [i for i, a in enumerate(self.alphabets) if (a in chosen) == keep]
 
 
+def present_zips(root: str | Path) -> list[Path]:
+    """The zips of ``ZIPS`` found under ``root`` (at least one)."""
+    found = [Path(root) / name for name in ZIPS if (Path(root) / name).exists()]
+    if not found:
+        raise FileNotFoundError(f"{root}: none of {', '.join(ZIPS)}")
+    return found
+
+
 def read_pngs(root: str | Path) -> tuple[dict[str, dict[str, list[bytes]]], int]:
     """{alphabet: {character: [png bytes sorted by file name]}}, de-duplicated, and the raw
-    number of PNG files. A character found in both zips must be byte-identical."""
+    number of PNG files. A file found in more than one zip must be byte-identical."""
     out: dict[str, dict[str, dict[str, bytes]]] = {}
     raw = 0
-    for name in ZIPS:
-        with zipfile.ZipFile(Path(root) / name) as zf:
+    for path in present_zips(root):
+        with zipfile.ZipFile(path) as zf:
             for entry in sorted(zf.namelist()):
                 parts = entry.split("/")
                 if len(parts) != 4 or not parts[3].endswith(".png"):
@@ -145,7 +174,7 @@ def load(root: str | Path) -> Omniglot:
     characters: list[str] = []
     for alphabet, chars in pngs.items():
         for character, files in chars.items():
-            if len(files) != 20:
+            if len(files) != DRAWERS:
                 raise ValueError(f"{alphabet}/{character}: {len(files)} drawings, expected 20")
             gray = np.stack([decode_gray(d) for d in files])  # (20, 105, 105) uint8
             images.append(preprocess(gray))  # (20, 1, 28, 28)
@@ -159,11 +188,18 @@ class Split:
     """Classes to sample from: ``images`` (C, 20, 1, 28, 28), names for the record."""
 
     images: Tensor
-    names: tuple[str, ...]
+    names: tuple[str, ...]  # "alphabet/characterNN", with "@90" etc. for a rotation
 
     @property
     def classes(self) -> int:
         return int(self.images.shape[0])
+
+    def by_alphabet(self, least: int = 1) -> dict[str, list[int]]:
+        """Class indices of each alphabet holding at least ``least`` classes."""
+        groups: dict[str, list[int]] = {}
+        for i, name in enumerate(self.names):
+            groups.setdefault(name.split("/")[0], []).append(i)
+        return {a: idx for a, idx in sorted(groups.items()) if len(idx) >= least}
 
 
 def rotations(images: Tensor) -> Tensor:
@@ -171,9 +207,22 @@ def rotations(images: Tensor) -> Tensor:
     return torch.cat([torch.rot90(images, k, dims=(-2, -1)) for k in range(4)])
 
 
-def split(data: Omniglot, held_out: tuple[str, ...] = HELD_OUT) -> tuple[Split, Split]:
+def default_held_out(data: Omniglot) -> tuple[str, ...]:
+    """``HELD_OUT`` when the data holds all of them (the full set), else ``SMALL_HELD_OUT``."""
+    return HELD_OUT if set(HELD_OUT) <= set(data.alphabets) else SMALL_HELD_OUT
+
+
+def check_held_out(data: Omniglot, held_out: Sequence[str]) -> tuple[str, ...]:
+    unknown = sorted(set(held_out) - set(data.alphabets))
+    if unknown or not held_out:
+        raise ValueError(f"held-out alphabets {unknown or '(none)'} are not in the data")
+    return tuple(sorted(held_out))
+
+
+def split(data: Omniglot, held_out: Sequence[str] | None = None) -> tuple[Split, Split]:
     """(train, test): train = characters of the other alphabets x 4 rotations,
     test = the held-out alphabets' characters, unrotated."""
+    held_out = check_held_out(data, default_held_out(data) if held_out is None else held_out)
     train_idx = data.indices(held_out, keep=False)
     test_idx = data.indices(held_out, keep=True)
     train_names = tuple(f"{data.characters[i]}@{90 * k}" for k in range(4) for i in train_idx)
@@ -182,11 +231,22 @@ def split(data: Omniglot, held_out: tuple[str, ...] = HELD_OUT) -> tuple[Split, 
     return train, test
 
 
-def split_record(data: Omniglot, held_out: tuple[str, ...] = HELD_OUT) -> dict[str, Any]:
+def upright_train(data: Omniglot, held_out: Sequence[str]) -> Split:
+    """The training alphabets' characters, unrotated: what the temperature is fitted on."""
+    idx = data.indices(tuple(held_out), keep=False)
+    return Split(data.images[idx], tuple(data.characters[i] for i in idx))
+
+
+def split_record(data: Omniglot, held_out: Sequence[str] | None = None) -> dict[str, Any]:
     """The ``split`` block of the artifact's task config."""
+    held_out = check_held_out(data, default_held_out(data) if held_out is None else held_out)
     train = sorted(set(data.alphabets) - set(held_out))
+    rule = HELD_OUT_RULE if tuple(held_out) == HELD_OUT else "given"
+    if tuple(held_out) == SMALL_HELD_OUT:
+        rule = "the two alphabets of the small zips with the fewest characters"
     return {
         "held_out_alphabets": sorted(held_out),
+        "held_out_rule": rule,
         "train_alphabets": train,
         "train_characters": len(data.indices(held_out, keep=False)),
         "held_out_characters": len(data.indices(held_out, keep=True)),
@@ -215,6 +275,47 @@ def sample(
         drawn.append(classes)
         order = torch.argsort(torch.rand(way, drawings, generator=g), dim=1)
         picked = split.images[classes.unsqueeze(1), order[:, : shot + queries]]  # (N, K+Q, ...)
+        xs.append(picked[:, :shot].reshape(way * shot, *INPUT_SHAPE))
+        xq.append(picked[:, shot:].reshape(way * queries, *INPUT_SHAPE))
+    labels = torch.arange(way)
+    ys = labels.repeat_interleave(shot).expand(tasks, -1)
+    yq = labels.repeat_interleave(queries).expand(tasks, -1)
+    return Episode(
+        xs=torch.stack(xs),
+        ys=ys.contiguous(),
+        ws=torch.ones(tasks, way * shot),
+        xq=torch.stack(xq),
+        yq=yq.contiguous(),
+        wq=torch.ones(tasks, way * queries),
+        classes=torch.stack(drawn),
+    )
+
+
+def sample_within(
+    g: torch.Generator, split: Split, tasks: int, way: int, shot: int, queries: int
+) -> Episode:
+    """``tasks`` within-alphabet N-way K-shot tasks, built like Lake et al.'s one-shot runs.
+
+    Each task draws one alphabet (uniformly among those with at least ``way`` characters),
+    ``way`` of its characters, and drawers: the support drawings of every class come from
+    the same ``shot`` drawers, the queries from ``queries`` other drawers (one drawer each,
+    shared by every class), so no query is drawn by a support drawer. Lake's runs are
+    ``way=20, shot=1, queries=1``. Shapes and labels as ``sample``.
+    """
+    eligible = list(split.by_alphabet(least=way).values())
+    if not eligible:
+        raise ValueError(f"no alphabet of the split has {way} characters")
+    drawings = split.images.shape[1]
+    if shot + queries > drawings:
+        raise ValueError(f"shot + queries = {shot + queries} > {drawings} drawers")
+    xs, xq, drawn = [], [], []
+    for _ in range(tasks):
+        members = eligible[int(torch.randint(len(eligible), (1,), generator=g))]
+        pick = torch.randperm(len(members), generator=g)[:way]
+        classes = torch.tensor(members)[pick]  # (N,)
+        drawers = torch.randperm(drawings, generator=g)[: shot + queries]  # (K+Q,)
+        picked = split.images[classes.unsqueeze(1), drawers.unsqueeze(0)]  # (N, K+Q, ...)
+        drawn.append(classes)
         xs.append(picked[:, :shot].reshape(way * shot, *INPUT_SHAPE))
         xq.append(picked[:, shot:].reshape(way * queries, *INPUT_SHAPE))
     labels = torch.arange(way)
@@ -293,6 +394,9 @@ class RecipeConfig:
     support_max_images: int = 100  # ... when they stay within this many images (augment.py)
     # validation: 20-way 1-shot on the held-out alphabets through the served path
     val_tasks: int = 100
+    held_out: tuple[str, ...] | None = None  # None: HELD_OUT on the full set, else SMALL_HELD_OUT
+    # calibration: the artifact's softmax temperature, fitted on the training split
+    calibration_tasks: int = 100  # episodes per protocol of CALIBRATION_PROTOCOLS (0: none)
 
 
 RECIPE = RecipeConfig()
@@ -336,6 +440,27 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rotate", type=float, default=r.rotate, help="augmentation: radians")
     p.add_argument("--val-tasks", type=int, default=r.val_tasks, help="20-way 1-shot tasks")
     p.add_argument(
+        "--held-out",
+        type=alphabet_list,
+        default=r.held_out,
+        metavar="A,B,...",
+        help="alphabets never trained on (default: the full set's 6 by a fixed rule, or the "
+        "small zips' 2)",
+    )
+    p.add_argument(
+        "--calibration-tasks",
+        type=int,
+        default=r.calibration_tasks,
+        help="fit the softmax temperature on this many training-split episodes per "
+        "protocol (5/20-way, 1/5-shot) once trained (0: none)",
+    )
+    p.add_argument(
+        "--budget-minutes",
+        type=float,
+        help="stop at the last checkpoint that fits in this many minutes (exit 75); "
+        "--resume continues",
+    )
+    p.add_argument(
         "--support-shifts",
         type=int,
         default=r.support_shifts,
@@ -348,6 +473,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         default=r.support_max_images,
         help="... only for support sets that stay within this many images",
     )
+
+
+def alphabet_list(text: str) -> tuple[str, ...]:
+    return tuple(a.strip() for a in text.split(",") if a.strip())
 
 
 def recipe(args: argparse.Namespace) -> RecipeConfig:
@@ -363,7 +492,10 @@ class Recipe:
         meta = options.meta_config(args)  # (sets the torch threads too)
         device = options.device(args)
         data = load(args.data)
-        self.train, self.val = split(data)
+        held = check_held_out(data, cfg.held_out or default_held_out(data))
+        self.train, self.val = split(data, held)
+        self.upright = upright_train(data, held)  # what the temperature is fitted on
+        self.seed = args.seed
         self.task: dict[str, Any] = {
             "kind": "classification",
             "input_shape": list(INPUT_SHAPE),
@@ -371,7 +503,7 @@ class Recipe:
             "max_shot": MAX_SHOT,
             "output": OUTPUT,
             "preprocess": PREPROCESS,
-            "split": split_record(data),
+            "split": split_record(data, held),
         }
         shifts = None
         if cfg.support_shifts > 0:
@@ -492,6 +624,15 @@ class Recipe:
         accs = accuracies(model, self.val, 20, 1, self.cfg.val_tasks, 5, seed=12345)
         return float(accs.mean())
 
+    def calibrate(self, model: MetaModel) -> MetaModel:
+        """The trained artifact with its temperature fitted on the training split."""
+        if self.cfg.calibration_tasks <= 0:
+            return model
+        fitted, record = fit_calibration(
+            model, self.upright, self.cfg.calibration_tasks, self.seed + 1000
+        )
+        return calibrated(model, fitted, record)
+
     def init_body(self, directory: str) -> None:
         """Copy an artifact's body into the net (same architecture required)."""
         source = MetaModel.load(directory)
@@ -523,43 +664,133 @@ def replace_learned(inner: InnerLoopConfig) -> InnerLoopConfig:
 def train(args: argparse.Namespace, argv: Sequence[str]) -> None:
     run = Recipe(recipe(args), args, argv)
     learned = run.cfg.iterations > 0
-    options.run_and_save(
-        run.trainer, lambda: run.artifact(learned), Path(args.out), resume=args.resume
+    finished = options.run_and_save(
+        run.trainer,
+        lambda: run.artifact(learned),
+        Path(args.out),
+        resume=args.resume,
+        budget_minutes=args.budget_minutes,
+        finalize=run.calibrate,
     )
+    if not finished:
+        raise SystemExit(STOPPED)
 
 
 # -- meta-test --------------------------------------------------------------------------------
 DEFAULT_PROTOCOLS = ((5, 1), (5, 5), (20, 1), (20, 5))
+STOPPED = 75  # train's exit status when --budget-minutes stopped it (EX_TEMPFAIL)
+CALIBRATION_PROTOCOLS = ((5, 1), (5, 5), (20, 1), (20, 5))  # what a temperature is fitted on
+Sampler = Callable[[torch.Generator, Split, int, int, int, int], Episode]
+
+
+class MetaTest(NamedTuple):
+    """A protocol's results: per task, per query, and the errors by character pair."""
+
+    accs: Tensor  # (tasks,) query accuracy of each task
+    errors: Counter[tuple[str, str]]  # (true, predicted) character -> errors
+    logits: Tensor  # (tasks * N * Q, N) the query logits over the task's own labels
+    labels: Tensor  # (tasks * N * Q,)
+    unused_mass: float  # mean softmax mass of the 20 outputs on the labels a task leaves out
+
+    def confidence(self, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+        """(top probability, correct) per query, the probabilities at ``temperature``."""
+        probs = calibration.probabilities(self.logits, temperature)
+        return probs.max(-1).values, probs.argmax(-1) == self.labels
 
 
 def accuracies(
     model: MetaModel, split: Split, way: int, shot: int, tasks: int, queries: int, seed: int
 ) -> Tensor:
     """Per-task query accuracies (tasks,) through ``MetaModel.adapt`` + ``predict``."""
-    return meta_test(model, split, way, shot, tasks, queries, seed)[0]
+    return meta_test(model, split, way, shot, tasks, queries, seed).accs
 
 
 def meta_test(
-    model: MetaModel, split: Split, way: int, shot: int, tasks: int, queries: int, seed: int
-) -> tuple[Tensor, Counter[tuple[str, str]]]:
-    """Per-task query accuracies (tasks,) and the errors by (true, predicted) character."""
+    model: MetaModel,
+    split: Split,
+    way: int,
+    shot: int,
+    tasks: int,
+    queries: int,
+    seed: int,
+    sampler: Sampler = sample,
+) -> MetaTest:
+    """``tasks`` fresh tasks from ``sampler`` (``sample``: across the split's alphabets;
+    ``sample_within``: one alphabet per task), adapted and predicted as the service does;
+    the logits kept are the task's own labels' (the service's softmax is over those)."""
     g = torch.Generator().manual_seed(seed)
     device = str(next(iter(model.params.values())).device)
-    accs = []
+    accs, kept, mass = [], [], []
     errors: Counter[tuple[str, str]] = Counter()
     for _ in range(tasks):
-        ep = sample(g, split, 1, way, shot, queries)
-        assert ep.classes is not None  # sample records each label's class
+        ep = sampler(g, split, 1, way, shot, queries)
+        assert ep.classes is not None  # the samplers record each label's class
         classes = ep.classes[0].tolist()  # (N,)
         ep = ep.to(device)
         fast = model.adapt(ep.xs[0], ep.ys[0]).fast  # support (N*K, 1, 28, 28), labels (N*K,)
-        logits = model.predict(fast, ep.xq[0])[:, :way]  # (N*Q, N): the task's own labels
+        every = model.predict(fast, ep.xq[0])  # (N*Q, max_way)
+        mass.append(1 - torch.softmax(every.double(), -1)[:, :way].sum(-1).mean())
+        logits = every[:, :way]  # (N*Q, N): the task's own labels
         predicted = logits.argmax(-1)
         accs.append((predicted == ep.yq[0]).float().mean())
+        kept.append(logits.cpu())
         wrong = (predicted != ep.yq[0]).nonzero().flatten().tolist()
         for t, p in zip(ep.yq[0][wrong].tolist(), predicted[wrong].tolist(), strict=True):
             errors[split.names[classes[t]], split.names[classes[p]]] += 1
-    return torch.stack(accs).cpu(), errors
+    labels = torch.arange(way).repeat_interleave(queries).repeat(tasks)
+    unused = float(torch.stack(mass).mean())
+    return MetaTest(torch.stack(accs).cpu(), errors, torch.cat(kept), labels, unused)
+
+
+def fit_calibration(
+    model: MetaModel, train: Split, tasks: int, seed: int, queries: int = 5
+) -> tuple[float, dict[str, Any]]:
+    """The softmax temperature minimising the NLL of the adapted model's query predictions
+    (over each task's own labels, as served) on ``tasks`` episodes of each of
+    ``CALIBRATION_PROTOCOLS`` from ``train`` (the training alphabets, unrotated), and the
+    record of how it was fitted (for ``config.json``)."""
+    groups = []
+    for i, (way, shot) in enumerate(CALIBRATION_PROTOCOLS):
+        result = meta_test(model, train, way, shot, tasks, queries, seed + i)
+        groups.append((result.logits, result.labels))
+    temperature = calibration.fit_temperature(groups)
+    record = {
+        "temperature": round(temperature, 6),
+        "fitted_on": "the training alphabets' characters, unrotated",
+        "protocols": [f"{w}-way {k}-shot" for w, k in CALIBRATION_PROTOCOLS],
+        "tasks_per_protocol": tasks,
+        "queries_per_class": queries,
+        "seed": seed,
+        "nll_at_1": round(calibration.nll(groups, 1.0), 6),
+        "nll_fitted": round(calibration.nll(groups, temperature), 6),
+        "ece_at_1": round(_pooled_ece(groups, 1.0), 6),
+        "ece_fitted": round(_pooled_ece(groups, temperature), 6),
+        "weights_key": "calibration.temperature",
+    }
+    return temperature, record
+
+
+def _pooled_ece(groups: Sequence[tuple[Tensor, Tensor]], temperature: float) -> float:
+    tops, hits = [], []
+    for logits, labels in groups:
+        probs = calibration.probabilities(logits, temperature)
+        tops.append(probs.max(-1).values)
+        hits.append(probs.argmax(-1) == labels)
+    return calibration.ece(torch.cat(tops), torch.cat(hits))
+
+
+def calibrated(model: MetaModel, temperature: float, record: dict[str, Any]) -> MetaModel:
+    """A copy of ``model`` carrying ``temperature`` (its weights file, so its sha, change)."""
+    task = {**model.config.task, "calibration": record}
+    config = ArtifactConfig(
+        model.config.name,
+        model.config.family,
+        model.config.architecture,
+        task,
+        model.config.inner,
+        model.config.training,
+    )
+    return MetaModel(config, model.params, model.lrs, "", temperature)
 
 
 def confusion_table(errors: Counter[tuple[str, str]], queries: int, top: int) -> str:
@@ -575,6 +806,16 @@ def confusion_table(errors: Counter[tuple[str, str]], queries: int, top: int) ->
     return "\n".join(lines)
 
 
+def eval_held_out(model: MetaModel, data: Omniglot, choice: str) -> tuple[str, ...]:
+    """``--held-out``: "artifact" (the alphabets its config records), "full" (``HELD_OUT``)
+    or a comma-separated list of alphabets."""
+    if choice == "artifact":
+        return tuple(model.config.task["split"]["held_out_alphabets"])
+    if choice == "full":
+        return HELD_OUT
+    return check_held_out(data, [a.strip() for a in choice.split(",") if a.strip()])
+
+
 def held_out_split(model: MetaModel, data: Omniglot) -> Split:
     held = tuple(model.config.task["split"]["held_out_alphabets"])
     return split(data, held)[1]
@@ -584,10 +825,23 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--artifact", default="models/artifacts/omniglot", help="artifact directory")
     p.add_argument("--data", default="../shared/data/omniglot", help="the Omniglot zips' folder")
     p.add_argument(
+        "--held-out",
+        default="artifact",
+        help="alphabets to test on: 'artifact' (its config's), 'full' (the full set's "
+        f"{len(HELD_OUT)}) or A,B,...; the rest is the training split",
+    )
+    p.add_argument(
         "--way", type=int, choices=range(2, MAX_WAY + 1), metavar="N", help="N (default: 5, 20)"
     )
     p.add_argument(
         "--shot", type=int, choices=range(1, MAX_SHOT + 1), metavar="K", help="K (default: 1, 5)"
+    )
+    p.add_argument(
+        "--within",
+        type=int,
+        default=20,
+        metavar="N",
+        help="first row: within-alphabet N-way 1-shot episodes, like Lake's runs (0: none)",
     )
     p.add_argument("--queries", type=int, default=10, help="query drawings per class")
     p.add_argument(
@@ -597,40 +851,107 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
         metavar="TOP",
         help="after the table, each row's TOP character pairs the model confuses most",
     )
+    p.add_argument(
+        "--fit-temperature",
+        type=int,
+        default=0,
+        metavar="TASKS",
+        help="fit a temperature on TASKS episodes per protocol of the training split and "
+        "report the ECE at it too (0: the artifact's temperature only)",
+    )
+    p.add_argument(
+        "--save-calibrated",
+        metavar="DIR",
+        help="with --fit-temperature: write the artifact with the fitted temperature to DIR",
+    )
+    p.add_argument(
+        "--diagram",
+        default="runs/omniglot-reliability.png",
+        help="the reliability diagram (PNG) to write, one panel per row ('': none)",
+    )
 
 
 def evaluate(args: argparse.Namespace) -> None:
     model = MetaModel.load(args.artifact).to(args.device)
     data = load(args.data)
-    held = held_out_split(model, data)
+    alphabets = eval_held_out(model, data, args.held_out)
+    held = split(data, alphabets)[1]
     protocols: tuple[tuple[int, int], ...] = DEFAULT_PROTOCOLS
     if args.way is not None or args.shot is not None:
         ways = (args.way,) if args.way else (5, 20)
         shots = (args.shot,) if args.shot else (1, 5)
         protocols = tuple((w, k) for w in ways for k in shots)
+    rows: list[tuple[str, Sampler, int, int]] = []
+    if args.within > 0:
+        rows.append(("within", sample_within, args.within, 1))
+    rows += [("across", sample, w, k) for w, k in protocols]
+    trained = set(model.config.task["split"]["train_alphabets"])
+    seen = sorted(trained & set(alphabets))
     inner = model.config.inner
-    alphabets = ", ".join(model.config.task["split"]["held_out_alphabets"])
     print(
         f"Omniglot meta-test: artifact {args.artifact} (sha256 {model.version[:12]}), "
-        f"held-out alphabets {alphabets} ({held.classes} characters)\n"
-        f"adaptation: adapt={inner.adapt} steps={inner.steps} learned_lr={inner.learned_lr} "
+        f"held-out alphabets {', '.join(alphabets)} ({held.classes} characters)"
+        + (f"; the artifact TRAINED on {', '.join(seen)}" if seen else "")
+        + f"\nadaptation: adapt={inner.adapt} steps={inner.steps} learned_lr={inner.learned_lr} "
         f"support_shifts={model.config.task.get('support_shifts')}; "
-        f"{args.tasks} tasks per row, {args.queries} queries per class, seed {args.seed}\n"
+        f"{args.tasks} tasks per row, {args.queries} queries per class, seed {args.seed}; "
+        f"temperature {model.temperature:.4g}"
+        + ("" if model.calibration is not None else " (none fitted)")
     )
-    print("| way | shot | accuracy | 95% CI | s/task |")
-    print("|----:|-----:|---------:|-------:|-------:|")
-    confused: list[tuple[int, int, Counter[tuple[str, str]]]] = []
-    for way, shot in protocols:
+    fitted: float | None = None
+    if args.fit_temperature > 0:
         t0 = time.perf_counter()
-        accs, errors = meta_test(model, held, way, shot, args.tasks, args.queries, args.seed)
+        upright = upright_train(data, alphabets)
+        fitted, record = fit_calibration(model, upright, args.fit_temperature, args.seed + 1000)
+        print(
+            f"temperature fitted on the training split ({upright.classes} characters, "
+            f"{args.fit_temperature} tasks x {len(CALIBRATION_PROTOCOLS)} protocols): "
+            f"{fitted:.4f}; NLL {record['nll_at_1']:.4f} at 1 -> {record['nll_fitted']:.4f}, "
+            f"ECE there {record['ece_at_1']:.4f} -> {record['ece_fitted']:.4f} "
+            f"({time.perf_counter() - t0:.0f} s)"
+        )
+        if args.save_calibrated:
+            version = calibrated(model, fitted, record).save(args.save_calibrated)
+            print(f"wrote {args.save_calibrated} (sha256 {version[:12]})")
+    fit_head = " ECE at fitted T |" if fitted is not None else ""
+    print(
+        "\n| episodes | way | shot | accuracy | 95% CI | mean top p | ECE |"
+        + fit_head
+        + " unused mass | s/task |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if fitted else "") + "---:|---:|")
+    confused: list[tuple[str, int, int, Counter[tuple[str, str]]]] = []
+    panels: list[list[tuple[str, calibration.Reliability]]] = [[], []]
+    for kind, sampler, way, shot in rows:
+        t0 = time.perf_counter()
+        result = meta_test(model, held, way, shot, args.tasks, args.queries, args.seed, sampler)
         per_task = (time.perf_counter() - t0) / args.tasks
-        mean, ci = mean_ci95(accs)
-        print(f"| {way} | {shot} | {100 * mean:.2f}% | ± {100 * ci:.2f}% | {per_task:.3f} |")
-        confused.append((way, shot, errors))
+        mean, ci = mean_ci95(result.accs)
+        top, correct = result.confidence(model.temperature)
+        rel = calibration.reliability(top, correct)
+        label = f"{'IN ' if kind == 'within' else ''}{way}W{shot}S"
+        panels[0].append((f"{label} T={model.temperature:.2f} ECE={rel.ece:.3f}", rel))
+        cells = (
+            f"| {kind} | {way} | {shot} | {100 * mean:.2f}% | ± {100 * ci:.2f}% "
+            f"| {float(top.mean()):.3f} | {rel.ece:.4f} |"
+        )
+        if fitted is not None:
+            fit_rel = calibration.reliability(*result.confidence(fitted))
+            panels[1].append((f"{label} T={fitted:.2f} ECE={fit_rel.ece:.3f}", fit_rel))
+            cells += f" {fit_rel.ece:.4f} |"
+        print(cells + f" {result.unused_mass:.4f} | {per_task:.3f} |")
+        confused.append((kind, way, shot, result.errors))
         sys.stdout.flush()
-    for way, shot, errors in confused if args.confusions > 0 else []:
+    if args.diagram:
+        out = Path(args.diagram)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(calibration.reliability_png([row for row in panels if row]))
+        print(f"\nreliability diagram: {out}")
+    for kind, way, shot, errors in confused if args.confusions > 0 else []:
         queries = args.tasks * way * args.queries
-        print(f"\n{way}-way {shot}-shot: " + confusion_table(errors, queries, args.confusions))
+        print(
+            f"\n{kind} {way}-way {shot}-shot: " + confusion_table(errors, queries, args.confusions)
+        )
 
 
 FAMILY = Family(

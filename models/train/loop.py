@@ -132,9 +132,13 @@ class Trainer:
         self.done += 1
         return metrics
 
-    def run(self, *, resume: bool = False) -> None:
+    def run(self, *, resume: bool = False, budget_s: float | None = None) -> bool:
+        """Run every stage to its end (True), or until the next report would fall past
+        ``budget_s`` seconds of this run (False: the last report's checkpoint is where
+        ``resume`` continues, so a stopped run resumes exactly as if never stopped)."""
         if resume:
             self.load_state()
+        started = last = time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
         progress = Progress(self.total, start=self.done)
         log = MetricsLog(self.out / METRICS)
@@ -154,11 +158,18 @@ class Trainer:
                 index = self.done - start
                 if index % stage.report_every == 0 or self.done == end:
                     self.report(stage, index, log, progress)
+                    now = time.perf_counter()
+                    overrun = budget_s is not None and 2 * now - last - started > budget_s
+                    if overrun and self.done < self.total:  # another interval would overrun
+                        progress.close()
+                        return False
+                    last = now
                 if self.rank.main:
                     progress.update(self.done, **shown, **self.val)
             stage.finish(self.out)
             start = end
         progress.close()
+        return True
 
     def report(self, stage: Stage, index: int, log: MetricsLog, progress: Progress) -> None:
         if index % stage.validate_every == 0 or index == stage.steps:

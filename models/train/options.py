@@ -149,15 +149,28 @@ def run_and_save(
     out: Path,
     *,
     resume: bool,
-) -> None:
+    budget_minutes: float | None = None,
+    finalize: Callable[[MetaModel], MetaModel] | None = None,
+) -> bool:
     """Train (or resume), then write the artifact ``artifact()`` describes from the
-    trained weights (the main process only)."""
+    trained weights, passed through ``finalize`` (a calibration) if given (the main
+    process only). With ``budget_minutes``, stop at the last checkpoint that fits in it
+    and write nothing (False): ``--resume`` continues."""
     started = time.perf_counter()
-    trainer.run(resume=resume)
-    if trainer.rank.main:
+    budget = None if budget_minutes is None else 60 * budget_minutes
+    finished = trainer.run(resume=resume, budget_s=budget)
+    if not finished:
+        print(
+            f"stopped within the budget of {budget_minutes} min at step {trainer.done} of "
+            f"{trainer.total} (checkpoint saved): continue with --resume",
+            file=sys.stderr,
+        )
+    elif trainer.rank.main:
         config, params, lrs = artifact()
         config.training["elapsed_s"] = round(trainer.elapsed(), 1)  # over resumed runs too
+        model = MetaModel(config, params, lrs, version="")
+        version = (model if finalize is None else finalize(model)).save(out)
         minutes = (time.perf_counter() - started) / 60
-        version = MetaModel(config, params, lrs, version="").save(out)
         print(f"wrote {out} (version {version[:12]}, {minutes:.1f} min)", file=sys.stderr)
     leave_distributed()
+    return finished

@@ -68,7 +68,8 @@ def predict(
     if not all(math.isfinite(v) for out in outputs for v in out):
         raise InvalidInput(field, "the predictions are not finite for these inputs")
     if labels is not None:
-        return Prediction(client_id, number, uid, [classify(out, labels) for out in outputs])
+        predictions = [classify(out, labels, model.temperature) for out in outputs]
+        return Prediction(client_id, number, uid, predictions)
     single = all(len(out) == 1 for out in outputs)
     return Prediction(client_id, number, uid, [out[0] for out in outputs] if single else outputs)
 
@@ -87,11 +88,12 @@ def meta_model_of(*, session: Session, runtime: Runtime, sha: str) -> MetaModel:
         ) from None
 
 
-def classify(logits: list[float], labels: list[Label]) -> LabelPrediction:
-    """Softmax over the outputs the client's labels use (the first len(labels))."""
+def classify(logits: list[float], labels: list[Label], temperature: float = 1.0) -> LabelPrediction:
+    """Softmax over the outputs the client's labels use (the first len(labels)), at the
+    meta-model's fitted temperature (models/calibration.py; 1 when none was fitted)."""
     used = logits[: len(labels)]
     top = max(used)
-    weights = [math.exp(v - top) for v in used]
+    weights = [math.exp((v - top) / temperature) for v in used]
     total = sum(weights)
     probabilities = {str(label): w / total for label, w in zip(labels, weights, strict=True)}
     return LabelPrediction(labels[used.index(top)], probabilities)

@@ -4,6 +4,8 @@ preprocessing, the Conv4 net and (when shipped) the artifact."""
 from __future__ import annotations
 
 import io
+import os
+import random
 import zipfile
 from pathlib import Path
 
@@ -18,15 +20,38 @@ from models.tasks import omniglot
 from models.tasks.png import PNGError, decode_gray
 
 ROOT = Path(__file__).resolve().parents[2]
-DATA = ROOT.parent / "shared" / "data" / "omniglot"
+# the project's data folder, or another (a worktree beside the project): FASTADAPT_OMNIGLOT_DATA
+DATA = Path(os.environ.get("FASTADAPT_OMNIGLOT_DATA", ROOT.parent / "shared" / "data" / "omniglot"))
 ARTIFACT = ROOT / "models" / "artifacts" / "omniglot"
 
 needs_data = pytest.mark.skipif(not (DATA / omniglot.ZIPS[0]).exists(), reason="no Omniglot data")
 
 
+SMALL_ZIPS = ("images_background_small1.zip", "images_background_small2.zip")
+
+
 @pytest.fixture(scope="session")
 def data() -> omniglot.Omniglot:
-    return omniglot.load(DATA)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # preprocessing is several times faster on one busy core
+    try:
+        return omniglot.load(DATA)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def small_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data folder holding only the two small zips (links), as before the full set."""
+    folder = tmp_path_factory.mktemp("omniglot-small")
+    for name in SMALL_ZIPS:
+        (folder / name).symlink_to(DATA / name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def small(small_dir: Path) -> omniglot.Omniglot:
+    return omniglot.load(small_dir)
 
 
 def pillow_gray(png: bytes) -> np.ndarray:
@@ -97,22 +122,66 @@ def test_png_decoder_rejects_garbage() -> None:
 
 # -- loading and the split ----------------------------------------------------------------
 @needs_data
-def test_dedup_counts(data: omniglot.Omniglot) -> None:
-    assert data.raw_files == 2720 + 3120
-    assert len(set(data.alphabets)) == 8
-    assert data.images.shape == (242, 20, 1, 28, 28)
-    assert len(set(data.characters)) == 242
-    assert data.images.shape[0] * data.images.shape[1] == 4840
+def test_loader_reads_the_full_background_set_and_the_small_zips(data: omniglot.Omniglot) -> None:
+    assert data.raw_files == 19280 + 2720 + 3120  # the small zips' files are duplicates
+    assert len(set(data.alphabets)) == 30
+    assert data.images.shape == (964, 20, 1, 28, 28)
+    assert len(set(data.characters)) == 964
+    assert (
+        data.alphabets.count("Tifinagh") == 55
+        and data.alphabets.count("Blackfoot_(Canadian_Aboriginal_Syllabics)") == 14
+    )
+
+
+@needs_data
+def test_dedup_counts_of_the_small_zips_alone(
+    small: omniglot.Omniglot, data: omniglot.Omniglot
+) -> None:
+    assert small.raw_files == 2720 + 3120
+    assert len(set(small.alphabets)) == 8
+    assert small.images.shape == (242, 20, 1, 28, 28)
+    assert len(set(small.characters)) == 242
+    # the same characters, the same pixels, whichever zip they were read from
+    for i in (0, 100, 241):
+        assert torch.equal(small.images[i], data.images[data.characters.index(small.characters[i])])
+
+
+def test_loader_names_the_zips_it_needs(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"images_background\.zip"):
+        omniglot.load(tmp_path)
+
+
+@needs_data
+def test_held_out_alphabets_follow_the_recorded_rule(data: omniglot.Omniglot) -> None:
+    counts = {a: data.alphabets.count(a) for a in set(data.alphabets)}
+    eligible = sorted(a for a, n in counts.items() if n >= 20)
+    assert tuple(sorted(random.Random(13).sample(eligible, 6))) == omniglot.HELD_OUT
+    assert omniglot.default_held_out(data) == omniglot.HELD_OUT
 
 
 @needs_data
 def test_split_holds_out_whole_alphabets(data: omniglot.Omniglot) -> None:
     train, test = omniglot.split(data)
-    assert train.classes == 4 * 203 and test.classes == 39
+    held = sum(data.alphabets.count(a) for a in omniglot.HELD_OUT)
+    assert held == 214 and test.classes == held and train.classes == 4 * (964 - held)
     assert not any(n.split("/")[0] in omniglot.HELD_OUT for n in train.names)
     assert all(n.split("/")[0] in omniglot.HELD_OUT for n in test.names)
+    upright = omniglot.upright_train(data, omniglot.HELD_OUT)  # the calibration split
+    assert upright.classes == 964 - held
+    assert not any(n.split("/")[0] in omniglot.HELD_OUT for n in upright.names)
     record = omniglot.split_record(data)
     assert record["held_out_alphabets"] == sorted(omniglot.HELD_OUT)
+    assert record["held_out_rule"] == omniglot.HELD_OUT_RULE
+    assert len(record["train_alphabets"]) == 24 and record["held_out_characters"] == held
+    with pytest.raises(ValueError, match="Klingon"):
+        omniglot.split(data, ("Klingon",))
+
+
+@needs_data
+def test_small_zips_alone_keep_the_old_split(small: omniglot.Omniglot) -> None:
+    train, test = omniglot.split(small)
+    assert train.classes == 4 * 203 and test.classes == 39
+    assert all(n.split("/")[0] in omniglot.SMALL_HELD_OUT for n in test.names)
 
 
 @needs_data
@@ -150,7 +219,7 @@ def test_episode_shapes_and_labels(data: omniglot.Omniglot) -> None:
 # -- preprocessing ------------------------------------------------------------------------
 @needs_data
 def test_preprocess_of_a_105px_upload_is_the_training_tensor(data: omniglot.Omniglot) -> None:
-    with zipfile.ZipFile(DATA / omniglot.ZIPS[0]) as zf:
+    with zipfile.ZipFile(DATA / "images_background_small1.zip") as zf:
         entry = "images_background_small1/Balinese/character01/0108_01.png"
         upload = pillow_gray(zf.read(entry))  # what the service gets from Pillow
     index = data.characters.index("Balinese/character01")
@@ -213,13 +282,19 @@ def test_meta_test_counts_each_error_by_character_pair(data: omniglot.Omniglot) 
 
     model = MetaModel.load(ARTIFACT)
     split = held_out_split(model, data)
-    accs, errors = meta_test(model, split, way=20, shot=1, tasks=6, queries=5, seed=3)
+    result = meta_test(model, split, way=20, shot=1, tasks=6, queries=5, seed=3)
+    accs, errors = result.accs, result.errors
     assert torch.equal(accs, accuracies(model, split, way=20, shot=1, tasks=6, queries=5, seed=3))
     wrong = round(float((1 - accs).sum()) * 20 * 5)
     assert sum(errors.values()) == wrong > 0
     assert all(t != p and {t, p} <= set(split.names) for t, p in errors)
     table = confusion_table(errors, 6 * 20 * 5, top=2)
     assert table.startswith(f"{wrong} errors in 600 queries") and table.count("\n") == 4
+    # the logits kept are the task's own labels', one row per query, as the service sees them
+    assert result.logits.shape == (600, 20) and result.labels.shape == (600,)
+    top, correct = result.confidence()
+    assert float(correct.float().mean()) == pytest.approx(float(accs.mean()), abs=1e-6)
+    assert bool(((top > 0.05) & (top <= 1)).all()) and 0 <= result.unused_mass < 1
 
 
 # -- the training recipe ------------------------------------------------------------------
@@ -230,12 +305,18 @@ def train(argv: list[str]) -> None:
 
 
 @needs_data
-def test_training_recipe_smoke_and_resume(tmp_path: Path) -> None:
+def test_training_recipe_smoke_and_resume(tmp_path: Path, small_dir: Path) -> None:
     out = tmp_path / "run"
-    argv = ["--data", str(DATA), "--out", str(out), "--epochs", "0", "--iterations", "2"]
+    argv = ["--data", str(small_dir), "--out", str(out), "--epochs", "0", "--iterations", "2"]
     argv += ["--val-tasks", "1", "--channels", "8", "--seed", "3", "--device", "cpu"]
+    argv += ["--calibration-tasks", "2"]
     train(argv)
     model = MetaModel.load(out)
+    record = model.config.task["calibration"]  # fitted on the training split, in the weights
+    assert record["tasks_per_protocol"] == 2 and model.calibration is not None
+    assert model.temperature == pytest.approx(record["temperature"], rel=1e-5)
+    assert record["nll_fitted"] <= record["nll_at_1"] + 1e-9
+    assert model.config.task["split"]["held_out_alphabets"] == sorted(omniglot.SMALL_HELD_OUT)
     assert model.config.training["seed"] == 3
     assert "--iterations 2" in model.config.training["command"]
     assert model.config.inner.learned_lr == "per_layer_per_step"
@@ -246,8 +327,11 @@ def test_training_recipe_smoke_and_resume(tmp_path: Path) -> None:
 
 
 @needs_data
-def test_training_recipe_prototypical_stage_from_an_artifact(tmp_path: Path) -> None:
-    common = ["--data", str(DATA), "--val-tasks", "1", "--channels", "8", "--device", "cpu"]
+def test_training_recipe_prototypical_stage_from_an_artifact(
+    tmp_path: Path, small_dir: Path
+) -> None:
+    common = ["--data", str(small_dir), "--val-tasks", "1", "--channels", "8", "--device", "cpu"]
+    common += ["--calibration-tasks", "0"]
     first = tmp_path / "first"
     train([*common, "--out", str(first), "--epochs", "0", "--iterations", "0"])
     start = MetaModel.load(first)
@@ -275,8 +359,11 @@ def test_training_recipe_prototypical_stage_from_an_artifact(tmp_path: Path) -> 
 
 
 @needs_data
-def test_training_recipe_records_support_shifts_and_can_learn_rates_alone(tmp_path: Path) -> None:
-    common = ["--data", str(DATA), "--val-tasks", "1", "--channels", "8", "--device", "cpu"]
+def test_training_recipe_records_support_shifts_and_can_learn_rates_alone(
+    tmp_path: Path, small_dir: Path
+) -> None:
+    common = ["--data", str(small_dir), "--val-tasks", "1", "--channels", "8", "--device", "cpu"]
+    common += ["--calibration-tasks", "0"]
     first = tmp_path / "first"
     train([*common, "--out", str(first), "--epochs", "0", "--iterations", "0"])
     out = tmp_path / "shifted"
@@ -289,3 +376,82 @@ def test_training_recipe_records_support_shifts_and_can_learn_rates_alone(tmp_pa
     for name, tensor in start.params.items():  # --meta-lr 0: the body is the init's
         assert torch.equal(model.params[name], tensor), name
     assert any(float((t - 5.0).abs().max()) > 0 for t in model.lrs.values())  # rates learned
+
+
+@needs_data
+def test_a_budget_stops_at_a_checkpoint_and_resuming_gives_the_same_artifact(
+    tmp_path: Path, small_dir: Path
+) -> None:
+    argv = ["--data", str(small_dir), "--val-tasks", "1", "--channels", "8", "--device", "cpu"]
+    argv += ["--epochs", "0", "--iterations", "3", "--validate-every", "1", "--seed", "5"]
+    argv += ["--calibration-tasks", "1", "--held-out", "Tagalog,Greek"]
+    whole = tmp_path / "whole"
+    train([*argv, "--out", str(whole)])
+    parts = tmp_path / "parts"
+    with pytest.raises(SystemExit) as stopped:  # a zero budget: stop at the first checkpoint
+        train([*argv, "--out", str(parts), "--budget-minutes", "0"])
+    assert stopped.value.code == omniglot.STOPPED
+    assert not (parts / "config.json").exists() and (parts / "checkpoint").exists()
+    train([*argv, "--out", str(parts), "--resume"])
+    a, b = MetaModel.load(whole), MetaModel.load(parts)
+    assert a.version == b.version and a.config.task["split"]["held_out_alphabets"] == [
+        "Greek",
+        "Tagalog",
+    ]
+
+
+# -- the held-out protocols ---------------------------------------------------------------
+def drawer_of(split: omniglot.Split, cls: int, image: torch.Tensor) -> int:
+    found = [d for d in range(20) if torch.equal(split.images[cls, d], image)]
+    assert len(found) >= 1
+    return found[0]
+
+
+@needs_data
+def test_within_alphabet_episodes_are_lake_runs_of_one_held_out_alphabet(
+    data: omniglot.Omniglot,
+) -> None:
+    _, test = omniglot.split(data)
+    g = torch.Generator().manual_seed(0)
+    alphabets_seen = set()
+    for _ in range(6):
+        ep = omniglot.sample_within(g, test, 1, 20, 1, 3)
+        assert ep.classes is not None
+        classes = ep.classes[0].tolist()
+        assert len(set(classes)) == 20
+        alphabets = {test.names[c].split("/")[0] for c in classes}
+        assert len(alphabets) == 1 and alphabets <= set(omniglot.HELD_OUT)
+        alphabets_seen |= alphabets
+        assert ep.xs.shape == (1, 20, 1, 28, 28) and ep.xq.shape == (1, 60, 1, 28, 28)
+        assert ep.yq[0].tolist() == [c for c in range(20) for _ in range(3)]
+        support = {drawer_of(test, c, ep.xs[0, i]) for i, c in enumerate(classes)}
+        query = {drawer_of(test, classes[i // 3], ep.xq[0, i]) for i in range(60)}
+        assert len(support) == 1 and len(query) == 3  # one drawer's support, three others'
+        assert not support & query
+    assert len(alphabets_seen) > 1
+    with pytest.raises(ValueError, match="60 characters"):
+        omniglot.sample_within(g, test, 1, 60, 1, 1)
+
+
+@needs_data
+@pytest.mark.skipif(not (ARTIFACT / "config.json").exists(), reason="artifact not shipped")
+def test_eval_prints_both_protocols_with_ece_and_writes_the_diagram(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from models.evaluate import main
+
+    diagram = tmp_path / "reliability.png"
+    calibrated = tmp_path / "calibrated"
+    argv = ["omniglot", "--artifact", str(ARTIFACT), "--data", str(DATA), "--held-out", "full"]
+    argv += ["--tasks", "2", "--queries", "2", "--way", "5", "--shot", "1", "--within", "20"]
+    argv += ["--fit-temperature", "1", "--save-calibrated", str(calibrated)]
+    main([*argv, "--diagram", str(diagram)])
+    out = capsys.readouterr().out
+    assert "the artifact TRAINED on Balinese, Sanskrit" in out
+    assert "| within | 20 | 1 |" in out and "| across | 5 | 1 |" in out
+    assert "ECE at fitted T" in out
+    image = Image.open(diagram)
+    assert image.format == "PNG" and image.size == (2 * 260, 2 * 284)  # 2 rows x 2 panels
+    model = MetaModel.load(calibrated)
+    assert model.calibration is not None and model.version != MetaModel.load(ARTIFACT).version
+    assert model.config.task["calibration"]["tasks_per_protocol"] == 1
