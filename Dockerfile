@@ -28,13 +28,15 @@ RUN pip install --index-url "$TORCH_INDEX" "$TORCH"
 RUN cd /opt/fastadapt/lib/python3*/site-packages/torch \
     && rm -rf test include bin/*Test bin/test_* bin/protoc*
 
-# The other dependencies, from pyproject.toml alone: a source change does not reinstall them.
+# The other dependencies, from pyproject.toml alone: a change to the sources or the README
+# does not reinstall them.
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
 RUN python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"], sep="\n")' \
         > requirements.txt \
     && pip install -r requirements.txt
 
+COPY README.md ./
 COPY models ./models
 COPY service ./service
 COPY migrations ./migrations

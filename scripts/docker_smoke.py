@@ -361,7 +361,8 @@ def smoke(args: argparse.Namespace) -> None:
     for _ in range(2):
         for client in clients:
             adapt_then_predict(api, client, rng)
-    spread = Counter(client.replicas.most_common(1)[0][0] for client in clients)
+    home = {client.name: client.replicas.most_common(1)[0][0] for client in clients}
+    spread = Counter(home.values())
     split = [client.name for client in clients if len(client.replicas) > 1]
     log(f"clients per replica: {dict(sorted(spread.items()))}; every request of a client on "
         f"one replica: {'yes' if not split else 'no, ' + ', '.join(split)}")  # fmt: skip
@@ -396,9 +397,20 @@ def smoke(args: argparse.Namespace) -> None:
         thread.join()
     if failures:
         raise SmokeError(f"traffic during the stop: {failures[0]}") from failures[0]
-    moved = Counter(client.replicas.most_common(1)[0][0] for client in clients if client.replicas)
     states = ", ".join(f"{name} {state.split(' (')[0].lower()}" for name, state in stack.replicas())
-    log(f"replicas now: {states}; clients per replica since: {dict(sorted(moved.items()))}")
+    log(f"replicas now: {states}")
+    since = {c.name: c.replicas.most_common(1)[0][0] for c in clients if c.replicas}
+    gone = set(spread) - set(since.values())
+    moved = Counter(since[name] for name, was in home.items() if was in gone and name in since)
+    stayed = [name for name, now in since.items() if home[name] not in gone]
+    strays = [name for name in stayed if since[name] != home[name]]
+    log(
+        f"the load balancer's {'/'.join(sorted(gone)) or '?'} is gone: its clients went to "
+        f"{dict(sorted(moved.items()))}; of the {len(stayed)} others seen since, "
+        f"{len(stayed) - len(strays)} stayed on their replica (consistent hash)"
+    )
+    if len(gone) != 1 or strays:
+        raise SmokeError(f"after the stop: replicas gone {gone}, clients that moved {strays}")
     log(
         f"during the stop: {tally.requests - before.requests} requests, "
         f"{tally.first_try - before.first_try} answered at once, "
