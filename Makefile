@@ -51,7 +51,7 @@ test: $(STAMP)
 
 # What CI runs before the tests: lint, format and types of the shipped code and the
 # benchmarks (tests are linted and formatted too).
-LINTED := models service migrations benchmarks $(CLIENT)/fastadapt_client
+LINTED := models service migrations benchmarks scripts $(CLIENT)/fastadapt_client
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINTED) tests
 	$(BIN)/ruff format --check $(LINTED) tests
