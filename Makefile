@@ -4,6 +4,7 @@
 #   make test         the whole test suite
 #   make lint         ruff check, ruff format --check, mypy (CI runs it before the tests)
 #   make bench        the five benchmarks of README.md#benchmarks (~9 min; installs wrk)
+#   make docker-smoke the compose deployment end to end (README.md#deployment; needs Docker)
 #
 # The virtual environment is created once and reinstalled only when pyproject.toml (or
 # the client library's) changes. torch is installed first: TORCH names it (the CPU wheel
@@ -20,7 +21,7 @@ PORT ?= 8000
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fastadapt-installed
 
-.PHONY: install serve migrate test lint bench clean
+.PHONY: install serve migrate test lint bench clean docker-smoke
 
 install: $(STAMP)
 
@@ -50,7 +51,7 @@ test: $(STAMP)
 
 # What CI runs before the tests: lint, format and types of the shipped code and the
 # benchmarks (tests are linted and formatted too).
-LINTED := models service migrations benchmarks $(CLIENT)/fastadapt_client
+LINTED := models service migrations benchmarks scripts $(CLIENT)/fastadapt_client
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINTED) tests
 	$(BIN)/ruff format --check $(LINTED) tests
@@ -68,6 +69,14 @@ bench: $(STAMP)
 	FASTADAPT_TEST_POSTGRES_URL="$${FASTADAPT_TEST_POSTGRES_URL-postgresql+psycopg://postgres@127.0.0.1:5432/test}" \
 	  $(BIN)/python -m benchmarks.bench_storage
 	$(BIN)/python -m benchmarks.bench_images
+
+# docker-compose.yml end to end through its load balancer: builds the images (cached), three
+# replicas on PostgreSQL, keys, adapt then predict, a replica stopped under traffic, the stack
+# restarted with every version kept; then tears its project down. Not part of `make test`.
+# It uses the `docker` CLI's engine (DOCKER_HOST when set, e.g. from `docker-here up`) and
+# `docker compose`, else `docker-compose`; SMOKE_ARGS: --keep, --port N (default 18080).
+docker-smoke:
+	$(PYTHON) scripts/docker_smoke.py $(SMOKE_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
