@@ -6,6 +6,7 @@ import argparse
 import copy
 import dataclasses
 import logging
+import os
 import signal
 import sys
 import threading
@@ -122,7 +123,14 @@ def serve(*, host: str | None = None, port: int | None = None) -> int:
 
 
 def _stopped(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(0)
+    """The graceful stop is over (requests finished, engine drained, database closed): exit
+    0 now. ``os._exit`` skips the interpreter's teardown of torch and ~300k objects, which
+    took 9-21 s on a loaded 2-core machine, long enough for Docker's grace period to
+    SIGKILL a replica that had nothing left to do."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _log_config(*, access: bool) -> dict[str, Any]:
