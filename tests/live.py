@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
-START_TIMEOUT_S = 90.0  # a cold start on a loaded 2-core machine (torch import, warm-up)
+START_TIMEOUT_S = 240.0  # a cold start on a loaded 2-core machine (torch import, warm-up)
 STOP_TIMEOUT_S = 60.0
 
 

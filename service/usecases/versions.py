@@ -143,6 +143,7 @@ def rollback(
         support_loss_after=source.support_loss_after,
         adapt_ms=source.adapt_ms,
         labels=source.labels,
+        warnings=list(source.warnings or []),  # what the source was stored despite, if any
         created_at=utcnow(),
         origin="rollback",
         source_version=version,
