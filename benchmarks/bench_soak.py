@@ -43,6 +43,8 @@ import argparse
 import math
 import os
 import random
+import resource
+import shutil
 import sys
 import tempfile
 import threading
@@ -60,16 +62,18 @@ from sqlalchemy import select, text
 from sqlalchemy.engine import make_url
 
 from benchmarks.serving import load, machine
+from service.settings import packaged_models_dir
 from service.store import migrate
 from service.store.session import connect, session_factory
 from service.store.tables import Client, ClientVersion
 from service.usecases import keys
-from tests.live import Replica, clean_env, start_all, stop_all
+from tests.live import Replica, clean_env, stop_all
 
 TENANT = "soak"
 DEFAULT_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 QUERY = [[x / 2.0] for x in range(-9, 10, 2)]  # 10 fixed inputs: the fingerprint's query
 TOLERANCE = 1e-5
+START_TIMEOUT_S = 300.0  # replicas starting together on a busy 2-core machine
 STEPS = 5  # the shipped sinusoid's trained inner steps (no ALLOW_UNTRAINED needed)
 
 
@@ -420,8 +424,11 @@ def main() -> None:
     totals = {n: Tally() for n in counts}
     elapsed = dict.fromkeys(counts, 0.0)
     with tempfile.TemporaryDirectory(prefix="fastadapt-soak-") as tmp, schema(server) as url:
+        models = Path(tmp) / "models"  # the shipped sinusoid alone: a lighter start-up
+        shutil.copytree(packaged_models_dir() / "sinusoid", models / "sinusoid")
         env = clean_env(
             database_url=url,
+            models_dir=models,
             data_dir=Path(tmp) / "data",
             auth="required",
             threads="1",
@@ -430,7 +437,10 @@ def main() -> None:
         )
         replicas = [Replica(f"r{i}", env, Path(tmp) / f"r{i}.log") for i in range(max(counts))]
         key = client_key(url)
-        start_all(*replicas)
+        for replica in replicas:  # their start-ups overlap; a loaded machine is slow
+            replica.start()
+        for replica in replicas:
+            replica.wait_ready(timeout=START_TIMEOUT_S)
         targets = [r.client(key, timeout=60) for r in replicas]
         try:
             warm = Tally()
@@ -474,6 +484,13 @@ def main() -> None:
         f"1 torch thread per replica; {args.seconds:g} s per count in {args.turns} turn(s)"
     )
     print(f"load average at the end: {during}")
+    own, servers = (
+        resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+    )
+    print(
+        f"CPU seconds (user+sys, whole run incl. start-up): load generator "
+        f"{own.ru_utime + own.ru_stime:.0f}, replicas {servers.ru_utime + servers.ru_stime:.0f}"
+    )
     print(HEADER)
     for n in counts:
         print(line(str(n), totals[n], elapsed[n]))
