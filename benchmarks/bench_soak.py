@@ -437,12 +437,12 @@ def main() -> None:
         )
         replicas = [Replica(f"r{i}", env, Path(tmp) / f"r{i}.log") for i in range(max(counts))]
         key = client_key(url)
-        for replica in replicas:  # their start-ups overlap; a loaded machine is slow
-            replica.start()
-        for replica in replicas:
-            replica.wait_ready(timeout=START_TIMEOUT_S)
         targets = [r.client(key, timeout=60) for r in replicas]
         try:
+            for replica in replicas:  # their start-ups overlap; a loaded machine is slow
+                replica.start()
+            for replica in replicas:
+                replica.wait_ready(timeout=START_TIMEOUT_S)
             warm = Tally()
             workers = [
                 Worker(t, ledgers[t], targets, args.spread, 1.0) for t in range(args.threads)
