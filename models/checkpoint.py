@@ -225,20 +225,28 @@ class MetaModel:
             (src / WEIGHTS_FILE).read_bytes(),
             expected_sha=expected,
             source=str(src),
+            config_source=str(src / CONFIG_FILE),
         )
 
     @classmethod
     def from_bytes(
-        cls, config_json: str, weights: bytes, *, expected_sha: str, source: str = "artifact"
+        cls,
+        config_json: str,
+        weights: bytes,
+        *,
+        expected_sha: str,
+        source: str = "artifact",
+        config_source: str | None = None,
     ) -> MetaModel:
         """An artifact from its two files' contents (a directory, a database row, an
         upload): the weights' sha256 must be ``expected_sha``, the weights are safetensors
         (never pickle), and they must fit the config's net (names and shapes). A mismatch
-        is a ValueError naming ``source``."""
+        is a ValueError naming ``source`` (``config_source`` for the config's own errors:
+        a file's path, say; default "<source>: config.json")."""
         digest = sha256(weights)
         if digest != expected_sha:
             raise ValueError(f"{source}: weights sha256 {digest} != expected {expected_sha}")
-        config = ArtifactConfig.from_json(config_json, f"{source}: {CONFIG_FILE}")
+        config = ArtifactConfig.from_json(config_json, config_source or f"{source}: {CONFIG_FILE}")
         try:
             tensors = from_bytes(weights)
         except Exception as exc:  # safetensors' own error types differ between versions

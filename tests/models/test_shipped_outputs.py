@@ -52,16 +52,25 @@ def record() -> dict[str, Any]:
     return {p.name: outputs(MetaModel.load(p)) for p in sorted(ARTIFACTS.iterdir())}
 
 
+# (rtol, atol) per artifact. The arithmetic is the same, but torch's thread count (which
+# other tests change) and the CPU's vector units (AVX-512 here, AVX2 elsewhere) reorder
+# float32 sums. The sinusoid's differences stay below 4e-7. Omniglot's fixed task is
+# noise images, on which its 10 head steps at learned rates near 5 diverge (support loss
+# 3.0 -> 9.3): that amplifies a 1e-7 reordering in the body's features to 4e-4..9e-4 in
+# the loss and 2e-3 in logits of about 13, varying run to run. A change of the maths
+# moves them by far more (a wrong rate or step count: whole units).
+TOLERANCE = {"sinusoid": (0.0, 1e-5), "omniglot": (1e-2, 1e-3)}
+
+
 @pytest.mark.parametrize("name", ["omniglot", "sinusoid"])
 def test_shipped_artifact_outputs_are_unchanged(name: str) -> None:
     expected = json.loads(RECORD.read_text())[name]
     got = outputs(MetaModel.load(ARTIFACTS / name))
     assert got["sha256"] == expected["sha256"]
-    # 1e-5: the same arithmetic, but torch's thread count (which other tests change)
-    # reorders float32 sums; seen up to 1.4e-6 on logits of about 10
+    rtol, atol = TOLERANCE[name]
     for key in ("loss_before", "loss_after", "predictions"):
         torch.testing.assert_close(
-            torch.tensor(got[key]), torch.tensor(expected[key]), rtol=0, atol=1e-5
+            torch.tensor(got[key]), torch.tensor(expected[key]), rtol=rtol, atol=atol
         )
 
 
