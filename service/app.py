@@ -14,7 +14,7 @@ from fastapi import Depends, FastAPI
 
 from models import tasks
 from models.checkpoint import MetaModel, discover
-from service.api import docs, errors, keys, metrics, routes, stats, versions
+from service.api import docs, errors, keys, links, metrics, routes, stats, versions
 from service.api.deps import get_principal
 from service.api.middleware import BodyLimit
 from service.api.observe import Observe
@@ -104,6 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(Observe, api=app, metrics=app.state.metrics, access=settings.access_log)
     errors.install(app)
     docs.install(app)
+    links.install(app)  # OpenAPI links: adapt -> predict -> history -> delete
     app.include_router(routes.health)  # open: probes
     authenticated = [Depends(get_principal)]  # every /v1 route: 401 / 429 before the route
     for router in (routes.router, stats.router, keys.router, versions.router):
