@@ -95,7 +95,9 @@ def list_versions(
 
 
 @router.post(
-    "/v1/clients/{client_id}/rollback", status_code=201, responses=_errors(404, 409, 422, 503)
+    "/v1/clients/{client_id}/rollback",
+    status_code=201,
+    responses=_errors(404, 408, 409, 413, 422, 503),
 )
 def rollback(
     client_id: ClientId,
