@@ -413,3 +413,34 @@ def test_image_bombs_for_omniglot(omniglot: TestClient) -> None:
         )
         assert added.status_code == status, (name, added.text)
     assert omniglot.get("/v1/clients/reader").json() == before  # no new version
+
+
+# -- forged cursors and control characters in query strings (in process) ------------------
+def cursor(kind: str, position: Any) -> str:
+    raw = json.dumps([kind, position]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def test_forged_cursors_and_nul_filters_are_422(api: TestClient) -> None:
+    """Each was a 500 on PostgreSQL: a NUL in a text comparison, or an integer past the
+    INTEGER column's range."""
+    created = api.post(
+        "/v1/clients/alice/adaptations", json={"meta_model": "sinusoid", "support": SUPPORT}
+    )
+    assert created.status_code == 201
+    for url, params, field in (
+        ("/v1/clients", {"meta_model": "\x00"}, "meta_model"),
+        ("/v1/clients", {"meta_model": "sinusoid\x1b[31m"}, "meta_model"),
+        ("/v1/clients", {"cursor": cursor("clients", "\x00")}, "cursor"),
+        ("/v1/clients", {"cursor": cursor("clients", "a" * 5000)}, "cursor"),
+        ("/v1/clients", {"cursor": cursor("clients", "")}, "cursor"),
+        ("/v1/clients/alice/versions", {"cursor": cursor("versions", 10**30)}, "cursor"),
+        ("/v1/clients/alice/versions", {"cursor": cursor("versions", -(10**30))}, "cursor"),
+        ("/v1/clients/alice/versions", {"cursor": cursor("versions", 2**63)}, "cursor"),
+        ("/v1/clients/alice/versions", {"cursor": cursor("versions", 0)}, "cursor"),
+    ):
+        assert_error(api.get(url, params=params), 422, "invalid_input", field)
+    # a cursor the server wrote still works
+    assert api.get("/v1/clients", params={"cursor": cursor("clients", "a")}).status_code == 200
+    page = api.get("/v1/clients/alice/versions", params={"cursor": cursor("versions", 2)})
+    assert [v["version"] for v in page.json()["versions"]] == [1]
