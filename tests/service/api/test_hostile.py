@@ -444,3 +444,26 @@ def test_forged_cursors_and_nul_filters_are_422(api: TestClient) -> None:
     assert api.get("/v1/clients", params={"cursor": cursor("clients", "a")}).status_code == 200
     page = api.get("/v1/clients/alice/versions", params={"cursor": cursor("versions", 2)})
     assert [v["version"] for v in page.json()["versions"]] == [1]
+
+
+def test_a_label_with_a_lone_surrogate_is_422(omniglot: TestClient) -> None:
+    """JSON's "\\ud800" parses to a string no response can carry: it was stored, then the
+    201 (and every later read of the client) was a 500."""
+    good = json.dumps(b64(drawing()))
+    for client_id, labels in (("lone", '["\\ud800", "b"]'), ("low", '["a", "x\\udfff"]')):
+        text = (
+            f'{{"meta_model": "omniglot", "support": {{"inputs": [{good}, {good}], '
+            f'"targets": {labels}}}}}'
+        )
+        response = post_text(omniglot, f"/v1/clients/{client_id}/adaptations", text)
+        assert_error(response, 422, "invalid_input", "support.targets[", "surrogate")
+        assert omniglot.get(f"/v1/clients/{client_id}").status_code == 404
+    support = {"inputs": [b64(drawing()), b64(drawing())], "targets": ["a", "b"]}
+    created = omniglot.post(
+        "/v1/clients/reader/adaptations", json={"meta_model": "omniglot", "support": support}
+    )
+    assert created.status_code == 201
+    text = f'{{"inputs": [{good}], "targets": ["\\udc80"]}}'
+    added = post_text(omniglot, "/v1/clients/reader/examples", text)
+    assert_error(added, 422, "invalid_input", "targets[0]", "surrogate")
+    assert omniglot.get("/v1/clients/reader").json()["current_version"] == 1
