@@ -36,9 +36,9 @@ from service.settings import Settings  # noqa: E402
 from service.store import migrate  # noqa: E402
 from service.store.session import connect  # noqa: E402
 from service.usecases import keys  # noqa: E402
-from tests.service.store_fixtures import Databases  # noqa: E402
+from tests.service.store_fixtures import BACKENDS, Databases  # noqa: E402
 
-EXAMPLES = int(os.environ.get("FASTADAPT_FUZZ_EXAMPLES", "15"))  # per operation and mode
+EXAMPLES = int(os.environ.get("FASTADAPT_FUZZ_EXAMPLES", "12"))  # per operation and mode
 SEED = int(os.environ.get("FASTADAPT_FUZZ_SEED", "20261202"))
 STATEFUL_RUNS = max(1, EXAMPLES // 2)
 STATEFUL_STEPS = 10
@@ -77,13 +77,13 @@ class Fuzzed:
         self.statuses: Counter[tuple[str, int]] = Counter()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=BACKENDS)
 def fuzzed(
     request: pytest.FixtureRequest, databases: Databases, models_dir: Path
 ) -> Iterator[Fuzzed]:
-    """A migrated SQLite database, an admin and a client key of one tenant, and the app
-    with keys required everywhere."""
-    url = databases.new("sqlite", request)
+    """A migrated database (SQLite, PostgreSQL), an admin and a client key of one tenant,
+    and the app with keys required everywhere."""
+    url = databases.new(request.param, request)
     migrate.upgrade(url)
     engine = connect(url)
     with Session(engine) as session:
