@@ -123,8 +123,9 @@ def test_a_100_mb_body_gets_413_and_the_connection_closed(live: httpx.Client, wa
 
 
 def test_a_content_length_that_lies_short_never_smuggles_a_request(live: httpx.Client) -> None:
-    """Content-Length: 100, then 100 MB: the first 100 bytes are the body (not JSON: 422);
-    what follows is no request (400 and closed), and nothing is stored."""
+    """Content-Length: 100, then 100 MB and a valid adaptation: the first 100 bytes are the
+    body (not JSON: 422); what follows is no request (400 and closed), so the adaptation
+    hidden in it is never run, and nothing is stored."""
     smuggled = json.dumps({"meta_model": "sinusoid", "support": SUPPORT}).encode()
     inner = head(
         "POST", "/v1/clients/smuggled/adaptations", JSON, f"Content-Length: {len(smuggled)}"
@@ -132,10 +133,14 @@ def test_a_content_length_that_lies_short_never_smuggles_a_request(live: httpx.C
     with socket.create_connection(("127.0.0.1", port_of(live)), timeout=SOCKET_TIMEOUT_S) as sock:
         sock.sendall(head("POST", ADAPT_BULK, JSON, "Content-Length: 100") + b"[" * 100)
         sender = flood(sock, iter([b"\x00garbage " * 1000, *filler(HUNDRED_MB), inner, smuggled]))
-        status, _, body = read_response(sock)
-        assert status == 422, body
-        assert json.loads(body)["error"]["type"] == "invalid_input"
-        received = b""
+        status, headers, body = read_response(sock)
+        length = int(headers["content-length"])  # what follows may have come with it
+        body, received = body[:length], body[length:]
+        # 422 for the declared body (not JSON); or, when the bytes behind it arrive in the
+        # same read, the server's parser refuses the whole stream first (400)
+        assert status in (400, 422), body
+        if status == 422:
+            assert json.loads(body)["error"]["type"] == "invalid_input"
         while True:  # the rest is not HTTP: the server answers 400 at most, and closes
             try:
                 chunk = sock.recv(65536)
