@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from models import tasks
 from models.checkpoint import MetaModel, discover
-from service.api import docs, errors, jobs, keys, metrics, routes, stats, versions
+from service.api import docs, errors, jobs, keys, links, metrics, routes, stats, versions
 from service.api import meta_models as meta_model_routes
 from service.api.deps import get_principal, get_session
 from service.api.middleware import BodyLimit
@@ -174,6 +174,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(Observe, api=app, metrics=app.state.metrics, access=settings.access_log)
     errors.install(app)
     docs.install(app)
+    links.install(app)  # OpenAPI links: adapt -> predict -> history -> delete
     app.include_router(routes.health)  # open: probes
     authenticated = [Depends(get_principal)]  # every /v1 route: 401 / 429 before the route
     routers = (

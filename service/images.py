@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import struct
 import warnings
 
 import numpy as np
@@ -32,10 +33,14 @@ def decode(text: str, *, field: str, max_pixels: int) -> np.ndarray:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             image = Image.open(io.BytesIO(data), formats=FORMATS)
-        except UnidentifiedImageError:
+        except UnidentifiedImageError:  # an OSError: before the one below
             raise InvalidInput(field, "not a PNG or JPEG image") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise TooLarge(f"{field}: the image exceeds the limit of {max_pixels} pixels") from None
+        except (OSError, ValueError, SyntaxError, EOFError, struct.error):
+            # the headers themselves: a JPEG cut inside its first segment (OSError), a PNG
+            # text or colour-profile chunk that inflates past Pillow's limit (ValueError)
+            raise InvalidInput(field, "the image is truncated or corrupt") from None
         width, height = image.size
         if width * height > max_pixels:
             raise TooLarge(

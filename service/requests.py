@@ -266,6 +266,16 @@ def _number(value: float | int, field: str) -> float:
     return float(value)
 
 
+def _encodable(text: str) -> bool:
+    """Whether ``text`` has a UTF-8 form: JSON's ``"\\ud800"`` parses to a lone surrogate,
+    which no response (nor PostgreSQL) can carry."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _targets(
     model: MetaModel, values: Sequence[RawTarget], *, field: str = "support.targets"
 ) -> tuple[list[float] | list[int], list[Label] | None]:
@@ -287,6 +297,8 @@ def _targets(
             raise InvalidInput(
                 f"{field}[{i}]", "a class label is a string or an integer, not a float"
             )
+        if isinstance(v, str) and not _encodable(v):
+            raise InvalidInput(f"{field}[{i}]", "not Unicode text (a lone surrogate escape)")
         index.setdefault(v, len(index))
     labels = list(index)
     if len({str(label) for label in labels}) != len(labels):

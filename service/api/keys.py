@@ -11,7 +11,7 @@ from service.api.deps import AdminDep, SessionDep
 from service.api.schemas import CreatedKeyResponse, ErrorResponse, KeyList, KeyRequest, KeyResponse
 from service.auth import KEY_ID_PATTERN
 
-router = APIRouter(tags=["keys"], responses={403: {"model": ErrorResponse}})
+router = APIRouter(tags=["keys"], responses={c: {"model": ErrorResponse} for c in (403, 503)})
 KeyId = Annotated[str, Path(pattern=KEY_ID_PATTERN, description="key_ and 16 hex digits.")]
 
 
@@ -22,7 +22,11 @@ def list_keys(session: SessionDep, caller: AdminDep) -> KeyList:
     return KeyList(keys=[KeyResponse.model_validate(key) for key in keys])
 
 
-@router.post("/v1/keys", status_code=201)
+@router.post(
+    "/v1/keys",
+    status_code=201,
+    responses={c: {"model": ErrorResponse} for c in (408, 413)},  # the body's time and size
+)
 def create_key(body: KeyRequest, session: SessionDep, caller: AdminDep) -> CreatedKeyResponse:
     """A new key of the caller's tenant; the response is the only time it is shown."""
     created = usecases.keys.create(session=session, tenant_id=caller.tenant_id, scope=body.scope)
@@ -30,7 +34,12 @@ def create_key(body: KeyRequest, session: SessionDep, caller: AdminDep) -> Creat
     return CreatedKeyResponse(**listed.model_dump(), key=created.token)
 
 
-@router.delete("/v1/keys/{key_id}", status_code=204, response_class=Response)
+@router.delete(
+    "/v1/keys/{key_id}",
+    status_code=204,
+    response_class=Response,
+    responses={404: {"model": ErrorResponse, "description": "No such key in the tenant."}},
+)
 def revoke_key(key_id: KeyId, session: SessionDep, caller: AdminDep) -> None:
     """Revoke one of the tenant's keys: every replica refuses it within 5 s."""
     usecases.keys.revoke(session=session, key_id=key_id, tenant_id=caller.tenant_id)

@@ -33,6 +33,7 @@ from prometheus_client.registry import Collector
 
 from service import usecases
 from service.api.deps import AdminDep, SessionDep
+from service.api.schemas import ErrorResponse
 from service.engine import EngineObserver
 from service.errors import Unavailable
 from service.settings import Settings
@@ -272,7 +273,14 @@ router = APIRouter(tags=["observability"])
 @router.get(
     "/metrics",
     response_class=Response,
-    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}},
+    responses={
+        200: {
+            "content": {"text/plain": {}, "application/openmetrics-text": {}},
+            "description": "Prometheus text format (OpenMetrics when the Accept header asks).",
+        },
+        403: {"model": ErrorResponse, "description": "The key lacks the admin scope."},
+        503: {"model": ErrorResponse, "description": "The database is unavailable."},
+    },
 )
 def metrics(request: Request, session: SessionDep, _admin: AdminDep) -> Response:
     """The service's metrics in Prometheus text format (OpenMetrics when asked). Needs an

@@ -26,9 +26,10 @@ from service.errors import Unavailable
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (404, 408, 409, 413, 422, 503)
 }
-# what every authenticated router answers (the app includes them with these)
+# what every authenticated router answers (the app includes them with these); 503: the
+# key lookup reads the database
 AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (401, 429)
+    code: {"model": ErrorResponse} for code in (401, 429, 503)
 }
 # adaptations' 422s include the guardrails (README "Guardrails")
 GUARDED: dict[int | str, dict[str, Any]] = {

@@ -98,7 +98,7 @@ def list_versions(
 @router.post(
     "/v1/clients/{client_id}/rollback",
     status_code=201,
-    responses={**_errors(404, 409, 422, 503), 201: {"headers": CREATED_HEADERS}},
+    responses={**_errors(404, 408, 409, 413, 422, 503), 201: {"headers": CREATED_HEADERS}},
 )
 def rollback(
     client_id: ClientId,

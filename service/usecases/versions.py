@@ -59,6 +59,8 @@ def list_clients(
 ) -> Page[ClientSummary]:
     """One page of the tenant's clients, by client id; the cursor continues it."""
     after = _decode(cursor, "clients", str) if cursor else None
+    if meta_model is not None and not meta_model.isprintable():  # PostgreSQL refuses NUL
+        raise InvalidInput("meta_model", "not a meta-model name (control characters)")
     rows = repository.list_clients(
         session=session,
         tenant_id=tenant_id,
@@ -102,9 +104,20 @@ def _decode(cursor: str, kind: str, type_: type[T]) -> T:
         found, position = json.loads(raw)
     except (binascii.Error, ValueError, TypeError):
         found, position = None, None
-    if found != kind or type(position) is not type_:
+    if found != kind or type(position) is not type_ or not _in_range(position):
         raise InvalidInput("cursor", "not a cursor of this listing: pass next_cursor back as is")
-    return position  # checked: exactly type_
+    return position  # checked: exactly type_, and a position _encode could have written
+
+
+MAX_POSITION = 2**31 - 1  # a version number: the INTEGER column's range
+
+
+def _in_range(position: object) -> bool:
+    """A client id (1-128 printable characters) or a version number: a forged cursor's
+    NUL character or 30-digit integer would reach the database (a 500 on PostgreSQL)."""
+    if isinstance(position, str):
+        return 0 < len(position) <= 128 and position.isprintable()
+    return isinstance(position, int) and 1 <= position <= MAX_POSITION
 
 
 # -- rollback --------------------------------------------------------------------------------
