@@ -91,6 +91,7 @@ def startup_sessions(app: FastAPI) -> Callable[[], ContextManager[Session]]:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     configure_threads(settings.threads)  # torch's, for the whole process (the worker too)
+    app.state.stopping.clear()  # serving (again: an app's lifespan may run more than once)
     database = connect(settings.database_url)
     app.state.sessions = session_factory(database)
     registry = start_registry(settings, startup_sessions(app))
