@@ -12,7 +12,6 @@ import copy
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -26,9 +25,10 @@ from service.engine.batcher import Group
 from service.engine.cache import FastParams
 from service.engine.jobs import Adapted, AdaptJob, Inputs, Key
 
+GATHER_BUFFER_BYTES = 64 << 20  # most a runner keeps to stack predictions' params into
 
-@dataclass(frozen=True)
-class AdaptWork:
+
+class AdaptWork(NamedTuple):  # a tuple: built per adaptation, cheaper than a dataclass
     job: AdaptJob
     ticket: int  # the cache's epoch when the job was submitted
 
@@ -49,6 +49,7 @@ class ModelRunner:
         self.version = model.version  # the engine's key for this runner and its jobs
         self.device = device
         self.on_cpu = device.type == "cpu"
+        self._buffer: Tensor | None = None  # (B, P) the last gather's, reused (_gather)
         config = model.config
         self.input_shape = config.input_shape
         self.classify = config.kind == "classification"
@@ -142,7 +143,7 @@ class ModelRunner:
             return [one]
         q = max(len(p.inputs) for p in works)
         x = batches.inputs([p.inputs for p in works], q, self.input_shape)  # (B, Q, *shape)
-        flat = torch.stack([p.fast.flat for p in works])  # (B, P): the gather
+        flat = self._gather([p.fast.flat for p in works])  # (B, P)
         fast = self.packer.unflatten(flat)  # (B, ...) per entry, views
         out = self.batched.predict(fast, x.to(self.device))  # (B, Q, O)
         rows: list[list[list[float]]] = out.cpu().tolist()
@@ -150,6 +151,17 @@ class ModelRunner:
             r if len(r) == len(p.inputs) else r[: len(p.inputs)]
             for r, p in zip(rows, works, strict=True)
         ]
+
+    def _gather(self, flats: list[Tensor]) -> Tensor:
+        """The clients' flat params stacked (B, P), into a buffer kept for the next batch:
+        a fresh multi-megabyte tensor per batch page-faults, which cost more than the
+        forward pass. Callers hold the device (the worker's lock), so one buffer serves."""
+        b, p = len(flats), len(flats[0])
+        if b * p * flats[0].element_size() > GATHER_BUFFER_BYTES:
+            return torch.stack(flats)
+        if self._buffer is None or len(self._buffer) < b or self._buffer.dtype != flats[0].dtype:
+            self._buffer = flats[0].new_empty(max(b, 16), p)
+        return torch.stack(flats, out=self._buffer[:b])
 
     def warm_up(self) -> None:
         """A tiny batch of two and one of one, so the first request pays no set-up."""

@@ -250,7 +250,8 @@ class DeviceWorker:
         else:
             stats.predict_batches += 1
             stats.predict_jobs += size
-        stats.largest_batch = max(stats.largest_batch, size)
+        if size > stats.largest_batch:
+            stats.largest_batch = size
         sizes = stats.batch_sizes.setdefault(kind, {})
         sizes[size] = sizes.get(size, 0) + 1
         per_job = seconds / size
