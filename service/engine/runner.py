@@ -69,6 +69,8 @@ class ModelRunner:
         self.one: list[int] | None = None
         if kernel is not None and set(order) == set(kernel.names()):
             self.one = [order[name] for name in kernel.names()]
+        self.kernel = kernel  # the bmm path's (None: vmap), for predict_one
+        self.frozen = self.batched.frozen
         self.sizes = [math.prod(self.packer.shapes[n]) for n in self.packer.order]
         self.shapes = [self.packer.shapes[n] for n in self.packer.order]
 
@@ -127,20 +129,7 @@ class ModelRunner:
         params, queries zero-padded to the longest (a row's outputs depend on that row
         only); a lone client with its layout takes a plain forward, no stacking."""
         if len(works) == 1 and works[0].fast.layers:
-            work = works[0]
-            x = work.inputs
-            if not isinstance(x, Tensor):
-                x = torch.tensor(x, dtype=torch.float32)  # (Q, D)
-            if len(self.input_shape) > 1:
-                x = x.reshape(len(x), *self.input_shape)  # (Q, *shape)
-            if not self.on_cpu:
-                x = x.to(self.device)
-            kernel = self.batched.kernel
-            assert kernel is not None
-            one: list[list[float]] = kernel.predict_one(
-                self.batched.frozen, work.fast.layers, x
-            ).tolist()  # (Q, O)
-            return [one]
+            return [self.predict_one(works[0])]
         q = max(len(p.inputs) for p in works)
         x = batches.inputs([p.inputs for p in works], q, self.input_shape)  # (B, Q, *shape)
         flat = self._gather([p.fast.flat for p in works])  # (B, P)
@@ -151,6 +140,19 @@ class ModelRunner:
             r if len(r) == len(p.inputs) else r[: len(p.inputs)]
             for r, p in zip(rows, works, strict=True)
         ]
+
+    def predict_one(self, work: PredictWork) -> list[list[float]]:
+        """One client whose params have their layout (``view``): plain linear calls."""
+        x = work.inputs
+        if not isinstance(x, Tensor):
+            x = torch.tensor(x, dtype=torch.float32)  # (Q, D)
+        if len(self.input_shape) > 1:
+            x = x.reshape(len(x), *self.input_shape)  # (Q, *shape)
+        if not self.on_cpu:
+            x = x.to(self.device)
+        assert self.kernel is not None  # a layout (``self.one``) means the bmm path
+        out: list[list[float]] = self.kernel.predict_one(self.frozen, work.fast.layers, x).tolist()
+        return out  # (Q, O)
 
     def _gather(self, flats: list[Tensor]) -> Tensor:
         """The clients' flat params stacked (B, P), into a buffer kept for the next batch:
