@@ -10,8 +10,13 @@ bmm kernel, safetensors bytes out. The baseline serves the same requests one at 
 with a plain autograd loop (learn2learn's clone/adapt: no nn.Module,
 ``torch.autograd.grad`` per step), from the same lists to the same bytes and losses. It
 is serial, so its rate does not depend on N; it is measured in every repeat,
-interleaved with the engine. Prints medians over repeats and the ratio; then the same
-for predictions (10 query points per request, params cached).
+interleaved with the engine. Prints medians over repeats and the ratio, and the engine's
+share of its bmm kernel alone (all N clients' support sets in one call, no queue, no
+futures, no bytes), measured in the same repeats. Then predictions (10 query points per
+request, params cached): N clients submitting one prediction at a time (an idle engine
+runs each at once in the caller's thread), and N clients per ``submit_predict_many``
+call (what a bulk endpoint does: one gathered forward over their stacked params),
+each against a plain per-request forward loop.
 """
 
 from __future__ import annotations
