@@ -10,8 +10,13 @@ bmm kernel, safetensors bytes out. The baseline serves the same requests one at 
 with a plain autograd loop (learn2learn's clone/adapt: no nn.Module,
 ``torch.autograd.grad`` per step), from the same lists to the same bytes and losses. It
 is serial, so its rate does not depend on N; it is measured in every repeat,
-interleaved with the engine. Prints medians over repeats and the ratio; then the same
-for predictions (10 query points per request, params cached).
+interleaved with the engine. Prints medians over repeats and the ratio, and the engine's
+share of its bmm kernel alone (all N clients' support sets in one call, no queue, no
+futures, no bytes), measured in the same repeats. Then predictions (10 query points per
+request, params cached): N clients submitting one prediction at a time (an idle engine
+runs each at once in the caller's thread), and N clients per ``submit_predict_many``
+call (what a bulk endpoint does: one gathered forward over their stacked params),
+each against a plain per-request forward loop.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from benchmarks.serving import load
 from benchmarks.support_sets import Support, supports
 from models.checkpoint import ArtifactConfig, MetaModel
 from models.kernels import BatchedLearner
@@ -167,7 +173,8 @@ def main() -> None:
         f"device {device} ({device_name(device)}), torch {torch.__version__}, "
         f"intra-op threads {torch.get_num_threads()}, inter-op {torch.get_num_interop_threads()}\n"
         f"engine: kernel {kernel}, max_batch_size {config.max_batch_size}, "
-        f"max_batch_delay_ms {config.max_batch_delay_ms}; median of {repeats} repeats\n"
+        f"max_batch_delay_ms {config.max_batch_delay_ms}; median of {repeats} repeats; "
+        f"load average before: {load()}\n"
     )
     try:
         adapt_rows(engine, clients, pool, jobs, repeats, args.quick, base)
@@ -177,6 +184,7 @@ def main() -> None:
             kernel_rows(engine, clients, pool, repeats)
     finally:
         engine.stop()
+    print(f"\nload average after: {load()}")
 
 
 def only_runner(engine: Engine) -> ModelRunner:
@@ -194,12 +202,14 @@ def adapt_rows(
     base: Params,
 ) -> None:
     clip = only_runner(engine).inner.grad_clip  # both sides clip when it has one
-    print("adaptations/s")
-    print(HEADER)
+    bmm = only_runner(engine).batched
+    print("adaptations/s (kernel: the bmm kernel alone, N clients per call, no engine)")
+    print(f"{HEADER} {'kernel':>10} {'of kernel':>10}")
     base_count = 48 if quick else 128
     for n in clients:
         total = max(2 * n, 512) if quick else max(4 * n, 2048)
-        ours, theirs, sizes = [], [], []
+        ours, theirs, sizes, alone = [], [], [], []
+        x, y, w = kernel_inputs(pool, min(n, engine.config.max_batch_size), engine.device)
         for _ in range(repeats):
             before = engine.stats().worker.adapt_batches
             ours.append(closed_loop(lambda i: engine.submit_adapt(jobs[i]), n, total))
@@ -207,7 +217,19 @@ def adapt_rows(
             theirs.append(
                 serial_rate(lambda i: loop_adapt(base, pool[i], clip, engine.device), base_count)
             )
-        row(n, ours, theirs, sizes)
+            calls = max(1, total // len(x) // 4)
+            start = time.perf_counter()
+            for _ in range(calls):
+                bmm.adapt(x, y, w, steps=STEPS, lr=LR)
+            alone.append(calls * len(x) / (time.perf_counter() - start))
+        row(n, ours, theirs, sizes, alone)
+
+
+def kernel_inputs(pool: list[Support], n: int, device: torch.device) -> tuple[Tensor, ...]:
+    """N support sets as the kernel takes them: x (N, K, 1), y (N, K, 1), w (N, K)."""
+    x = torch.tensor([s[0] for s in pool[:n]], device=device)  # (N, K, 1)
+    y = torch.tensor([s[1] for s in pool[:n]], device=device)[..., None]  # (N, K, 1)
+    return x, y, torch.ones(n, SHOTS, device=device)
 
 
 def kernel_rows(engine: Engine, clients: list[int], pool: list[Support], repeats: int) -> None:
@@ -260,12 +282,28 @@ def predict_rows(
             return engine.submit_predict(miss.loaded(blobs[c]))
 
     closed_loop(submit, count, count)  # every client's params into the cache
+    version = only_runner(engine).version
+
+    def many(n: int, total: int) -> float:
+        """N clients' predictions per ``submit_predict_many`` call (a bulk caller), until
+        ``total`` are answered; predictions per second."""
+        start = time.perf_counter()
+        for _ in range(max(1, total // n)):
+            jobs = [PredictJob(version, ("bench", str(c), "1"), queries) for c in range(n)]
+            for future in engine.submit_predict_many(jobs):
+                future.result()
+        return max(1, total // n) * n / (time.perf_counter() - start)
+
     print(f"\npredictions/s ({QUERIES} query points per request, params cached)")
-    print(HEADER)
+    print(
+        "engine: N clients in a closed loop of single submits; many: N clients per "
+        "submit_predict_many call"
+    )
+    print(f"{HEADER} {'many':>10} {'ratio':>8}")
     base_count = 512 if quick else 2048
     for n in clients:
         total = max(2 * n, 1024) if quick else max(4 * n, 4096)
-        ours, theirs, sizes = [], [], []
+        ours, theirs, sizes, bulk = [], [], [], []
         for _ in range(repeats):
             before = engine.stats().worker.predict_batches
             ours.append(closed_loop(submit, n, total))
@@ -273,15 +311,32 @@ def predict_rows(
             theirs.append(
                 serial_rate(lambda i: loop_predict(ordered[i % 256], queries, device), base_count)
             )
-        row(n, ours, theirs, sizes)
+            bulk.append(many(n, total))
+        row(n, ours, theirs, sizes, bulk, share=False)
 
 
-def row(clients: int, ours: list[float], theirs: list[float], sizes: list[float]) -> None:
+def row(
+    clients: int,
+    ours: list[float],
+    theirs: list[float],
+    sizes: list[float],
+    alone: list[float] | None = None,
+    share: bool = True,
+) -> None:
     """Medians; the ratio is the median of each repeat's ratio (engine and loop measured
-    back to back), which the load of a shared machine disturbs least."""
+    back to back), which the load of a shared machine disturbs least; so is the last
+    column: the engine's share of the kernel alone (``share``), or the bulk rate's ratio
+    to the loop."""
     a, b = statistics.median(ours), statistics.median(theirs)
     ratio = statistics.median(x / y for x, y in zip(ours, theirs, strict=True))
-    print(f"{clients:>8} {a:>10,.0f} {b:>12,.0f} {ratio:>7.1f}x {statistics.median(sizes):>11.1f}")
+    line = f"{clients:>8} {a:>10,.0f} {b:>12,.0f} {ratio:>7.1f}x {statistics.median(sizes):>11.1f}"
+    if alone is not None and share:
+        of = statistics.median(x / y for x, y in zip(ours, alone, strict=True))
+        line += f" {statistics.median(alone):>10,.0f} {of:>9.0%}"
+    elif alone is not None:
+        times = statistics.median(x / y for x, y in zip(alone, theirs, strict=True))
+        line += f" {statistics.median(alone):>10,.0f} {times:>7.1f}x"
+    print(line)
 
 
 def device_name(device: torch.device) -> str:

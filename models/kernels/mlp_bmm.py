@@ -13,9 +13,11 @@ this module only lays it out for ``bmm``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.maml import AdaptResult, Learner, Rate, batched_loss, clip_factor, step_rate
@@ -294,6 +296,28 @@ class MLPKernel:
             fast[layer.name + ".weight"] = v[:, :-1].transpose(1, 2)
             fast[layer.name + ".bias"] = v[:, -1]
         return fast
+
+    def names(self) -> list[str]:
+        """The fast entries ``predict_one`` takes, in its order: weight, bias per layer."""
+        return [f"{layer.name}.{kind}" for layer in self.layers for kind in ("weight", "bias")]
+
+    def predict_one(self, frozen: Params, fast: Sequence[Tensor], x: Tensor) -> Tensor:
+        """One client: fast = its entries in ``names()`` order; x (Q, ...) -> (Q, O).
+        The same maths as ``predict`` with B = 1, as plain ``linear`` calls (no stacking,
+        no autograd graph: neither params nor inputs require grad)."""
+        h = x
+        if self.learner.inner.adapt == "head":
+            h = self.learner.features(frozen, h)  # the whole frozen body
+        else:
+            for module in self.prefix:
+                h = module(h)
+        if h.dim() != 2:
+            h = h.reshape(len(h), -1)  # (Q, in)
+        for i, layer in enumerate(self.layers):
+            h = F.linear(h, fast[2 * i], fast[2 * i + 1])  # (Q, out)
+            if layer.hidden:
+                h = h.relu_()
+        return h
 
     def predict(self, frozen: Params, fast: Params, x: Tensor) -> Tensor:
         # fast: (B, ...) per entry; x: (B, Q, ...) -> (B, Q, O)

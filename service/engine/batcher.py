@@ -84,10 +84,21 @@ class Batcher:
             self._queued += 1
             self._cond.notify_all()
 
-    def _admit(self) -> None:
+    def put_many(self, jobs: list[Job]) -> None:
+        """``put`` for many jobs in one operation: all queued, or none (``Unavailable``
+        when the queue has no room for all of them)."""
+        with self._cond:
+            self._admit(len(jobs))
+            for job in jobs:
+                self._groups.setdefault(job.group, deque()).append(job)
+                self._last_put[job.group] = job.enqueued
+            self._queued += len(jobs)
+            self._cond.notify_all()
+
+    def _admit(self, count: int = 1) -> None:
         if self._closed:
             raise Unavailable("the engine is stopping", 1.0)
-        if self._queued >= self.queue_size:
+        if self._queued + count > self.queue_size:
             self.rejected += 1
             raise Unavailable(
                 f"the engine queue is full ({self.queue_size} jobs)", self.retry_after()
@@ -96,6 +107,11 @@ class Batcher:
     def retry_after(self) -> float:
         """Seconds until the queue has likely drained: what a refused caller is told."""
         return min(30.0, max(1.0, float(math.ceil(self.queue_size * self.seconds_per_job))))
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``close`` was called: every put is refused."""
+        return self._closed
 
     def __len__(self) -> int:
         return self._queued

@@ -1,7 +1,9 @@
 """Adapted parameters on the device: an LRU cache with a byte budget.
 
 An entry is one client version's fast params flattened into one tensor (the engine's
-``BytesPacker`` lays them out), keyed by (tenant_id, client_id, uid). A version is
+``BytesPacker`` lays them out), with views of it laid out for a one-client forward
+(``FastParams``: made once, when cached, not per prediction), keyed by (tenant_id,
+client_id, uid). A version is
 immutable and its uid is never reused, so a key never goes stale and never comes back:
 a new version, or a client deleted and re-created, is a new key in every process, which
 is what keeps a server from serving a deleted model another server's delete never told
@@ -16,6 +18,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from torch import Tensor
 
@@ -24,6 +27,13 @@ from service.engine.jobs import Key
 Client = tuple[str, str]  # (tenant_id, client_id)
 
 _FORGET_LOG = 4096  # forgets remembered for loads in flight; older ones make a load uncached
+
+
+class FastParams(NamedTuple):
+    """One client version's adapted params as the engine holds them."""
+
+    flat: Tensor  # (P,) every fast entry, flattened in the BytesPacker's order
+    layers: tuple[Tensor, ...] = ()  # views of ``flat`` for a one-client forward, or ()
 
 
 @dataclass(frozen=True)
@@ -41,7 +51,7 @@ class ParamsCache:
         if capacity_bytes < 0:
             raise ValueError("capacity_bytes must be >= 0")
         self.capacity_bytes = capacity_bytes
-        self._entries: OrderedDict[Key, tuple[Tensor, int]] = OrderedDict()  # LRU first
+        self._entries: OrderedDict[Key, tuple[FastParams, int]] = OrderedDict()  # LRU first
         self._bytes = 0
         self._lock = threading.Lock()
         self._epoch = 0  # bumped by every forget
@@ -50,7 +60,7 @@ class ParamsCache:
         self.misses = 0
         self.evictions = 0
 
-    def get(self, key: Key) -> Tensor | None:
+    def get(self, key: Key) -> FastParams | None:
         """The cached params of ``key`` (counted as a hit or a miss)."""
         with self._lock:
             entry = self._entries.get(key)
@@ -67,9 +77,12 @@ class ParamsCache:
         with self._lock:
             return self._epoch
 
-    def put(self, key: Key, params: Tensor, ticket: int) -> bool:
-        """Cache ``params`` unless its client was forgotten since ``ticket`` or it cannot fit."""
-        size = params.numel() * params.element_size()
+    def put(self, key: Key, params: FastParams | Tensor, ticket: int) -> bool:
+        """Cache ``params`` (a bare tensor: its flat form) unless its client was forgotten
+        since ``ticket`` or it cannot fit."""
+        if isinstance(params, Tensor):
+            params = FastParams(params)
+        size = params.flat.numel() * params.flat.element_size()
         with self._lock:
             if self._forgotten_since(ticket, key[:2]) or size > self.capacity_bytes:
                 return False

@@ -3,7 +3,14 @@
 Request threads call ``submit_adapt`` / ``submit_predict`` with validated jobs; a full
 queue raises ``Unavailable`` at once. The device worker runs queued jobs as
 micro-batches and completes their futures, which sync code waits on with ``.result()``
-and asyncio with ``asyncio.wrap_future``.
+and asyncio with ``asyncio.wrap_future``. A prediction that finds the engine idle (no job
+queued, the device free) runs at once in the caller's thread and answers a done future:
+no thread hand-off, which costs more than a small net's forward pass.
+
+Callers holding many jobs at once (bulk endpoints) hand them over in one call,
+``submit_predict_many`` / ``submit_adapt_many``: one queue operation, and one batch (one
+gathered forward over the clients' stacked params, or one inner loop) per meta-model
+and ``max_batch_size`` jobs.
 
 The params cache is keyed by each version's uid, which is never reused: a client deleted
 and re-created (version 1 again) has new keys, so no process, whether or not it heard of
@@ -20,15 +27,16 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 from models.checkpoint import MetaModel
 from models.device import resolve_device
 from models.kernels import KernelPath
 from service.engine.batcher import Batcher, Job
-from service.engine.cache import CacheStats, ParamsCache
+from service.engine.cache import CacheStats, FastParams, ParamsCache
 from service.engine.jobs import Adapted, AdaptJob, Key, NotCached, PredictJob
 from service.engine.observer import EngineObserver
 from service.engine.runner import AdaptWork, ModelRunner, PredictWork
@@ -124,29 +132,102 @@ class Engine:
         self._put(queued, job.meta_model)
         return queued.future
 
+    def submit_adapt_many(self, jobs: Sequence[AdaptJob]) -> list[Future[Adapted]]:
+        """``submit_adapt`` for many jobs in one queue operation, so that they run as few
+        batches (one per meta-model and kernel group, of up to ``max_batch_size``). A queue
+        without room for all of them refuses them all with ``Unavailable``; a job whose
+        meta-model is not loaded (and carries none) fails its own future with KeyError."""
+        futures: list[Future[Adapted]] = []
+        queued: list[tuple[Job, str]] = []
+        deadline = self._deadline()
+        for job in jobs:
+            try:
+                runner = self._runner(job.meta_model, job.model)
+            except KeyError as exc:
+                futures.append(_failed(exc))
+                continue
+            work = AdaptWork(job, self.cache.ticket())
+            one = Job(runner.adapt_group(job), work, deadline)
+            queued.append((one, job.meta_model))
+            futures.append(one.future)
+        self._put_many(queued)
+        return futures
+
     def submit_predict(self, job: PredictJob) -> Future[list[list[float]]]:
         """Outputs (Q, O) of client version ``job.key`` on ``job.inputs``.
 
         Without ``job.params``, a cache miss raises ``NotCached`` at once: read the stored
-        params and submit ``miss.loaded(params)``, which the device worker then caches.
-        Params that do not fit the meta-model raise ``ValueError`` here."""
-        runner = self._runner(job.meta_model, job.model)
-        ticket = job.ticket
-        if job.params is None:
-            fast = self.cache.get(job.key)
-            if fast is None:
-                self.batcher.admit()  # a full queue refuses before the database is read
-                raise NotCached(job, self.cache.ticket())
-        else:
-            fast = runner.fast_params(job.params)  # (P,) on the CPU
-            if ticket is None:  # params from elsewhere than a miss: never cached
-                fast = fast.to(self.device)
-        work = PredictWork(job.inputs, fast, job.key, ticket)
+        params and submit ``miss.loaded(params)``, which the engine then caches.
+        Params that do not fit the meta-model raise ``ValueError`` here. When the engine
+        is idle the prediction runs now, in this thread, and the future is done."""
+        runner, work = self._predict_work(job)
+        if not len(self.batcher) and self._started and not self.batcher.closed:
+            done = self.worker.predict_now(runner, [work])
+            if done is not None:
+                return done[0]
         # batched with what is queued, never waiting for more: a forward pass is too cheap
         # for a wait to pay (at 16 connections a 2 ms wait cost 10% of HTTP throughput)
         queued = Job((job.meta_model, "predict"), work, self._deadline(), wait=False)
         self._put(queued, job.meta_model)
         return queued.future
+
+    def submit_predict_many(self, jobs: Sequence[PredictJob]) -> list[Future[list[list[float]]]]:
+        """``submit_predict`` for many jobs (many clients' queries) at once: one future per
+        job, in order. Each meta-model's jobs run as one gathered forward over their
+        clients' stacked params (per ``max_batch_size`` jobs): at once in this thread when
+        the engine is idle, else queued in one operation.
+
+        Nothing is raised for one job: a cache miss fails its future with ``NotCached``
+        at once (read the stored params and submit ``miss.loaded(params)``, again many at
+        a time), params that do not fit with ValueError, an unloaded meta-model with
+        KeyError. A queue without room for all the rest refuses them all with
+        ``Unavailable`` (raised)."""
+        futures: list[Future[list[list[float]]] | None] = [None] * len(jobs)
+        groups: dict[str, tuple[ModelRunner, list[int], list[PredictWork]]] = {}
+        for i, job in enumerate(jobs):
+            try:
+                runner, work = self._predict_work(job, admit=False)
+            except (NotCached, ValueError, KeyError) as exc:
+                futures[i] = _failed(exc)
+                continue
+            group = groups.setdefault(job.meta_model, (runner, [], []))
+            group[1].append(i)
+            group[2].append(work)
+        queued: list[tuple[Job, str]] = []
+        deadline = self._deadline()
+        size = self.config.max_batch_size
+        for version, (runner, places, works) in groups.items():
+            for start in range(0, len(works), size):
+                chunk = works[start : start + size]
+                done = None
+                if not queued and not len(self.batcher) and self._started:
+                    self.batcher.admit()  # a stopping engine refuses
+                    done = self.worker.predict_now(runner, chunk)
+                for j, work in enumerate(chunk):
+                    if done is not None:
+                        futures[places[start + j]] = done[j]
+                        continue
+                    one = Job((version, "predict"), work, deadline, wait=False)
+                    queued.append((one, version))
+                    futures[places[start + j]] = one.future
+        self._put_many(queued)
+        return [f for f in futures if f is not None]
+
+    def _predict_work(self, job: PredictJob, admit: bool = True) -> tuple[ModelRunner, PredictWork]:
+        runner = self._runner(job.meta_model, job.model)
+        ticket = job.ticket
+        if job.params is None:
+            fast = self.cache.get(job.key)
+            if fast is None:
+                if admit:
+                    self.batcher.admit()  # a full queue refuses before the database is read
+                raise NotCached(job, self.cache.ticket())
+        else:
+            flat = runner.fast_params(job.params)  # (P,) on the CPU
+            # params from elsewhere than a miss are never cached; a miss's are moved and
+            # laid out by whoever runs it, then cached
+            fast = runner.view(flat.to(self.device)) if ticket is None else FastParams(flat)
+        return runner, PredictWork(job.inputs, fast, job.key, ticket)
 
     def stored(self, adapted: Adapted, key: Key) -> bool:
         """``adapted``'s params are now stored as client version ``key`` (its uid): cache
@@ -156,7 +237,7 @@ class Engine:
         runner = self.runners.get(adapted.meta_model)
         if runner is None:  # unloaded since: its first prediction reads the store
             return False
-        fast = runner.fast_params(adapted.params).to(self.device)
+        fast = runner.view(runner.fast_params(adapted.params).to(self.device))
         return self.cache.put(key, fast, adapted.ticket)
 
     def ticket(self) -> int:
@@ -183,6 +264,9 @@ class Engine:
     def _runner(self, version: str, model: MetaModel | None) -> ModelRunner:
         """The runner of ``version``, created from ``model`` if it is not loaded (a job
         without ``model`` must name a loaded version: a KeyError otherwise)."""
+        runner = self.runners.get(version)  # the common case, without the lock: loaded and
+        if runner is not None and version not in self._released:  # not being released
+            return runner
         with self._lock:
             self._released.discard(version)
             runner = self.runners.get(version)
@@ -207,6 +291,21 @@ class Engine:
             self._done(version)
             raise
         queued.future.add_done_callback(lambda _: self._done(version))
+
+    def _put_many(self, queued: Sequence[tuple[Job, str]]) -> None:
+        """``_put`` for many jobs, all or none."""
+        if not queued:
+            return
+        with self._lock:
+            self._pending.update(version for _, version in queued)
+        try:
+            self.batcher.put_many([job for job, _ in queued])
+        except BaseException:
+            for _, version in queued:
+                self._done(version)
+            raise
+        for job, version in queued:
+            job.future.add_done_callback(lambda _, v=version: self._done(v))  # type: ignore[misc]
 
     def _done(self, version: str) -> None:
         with self._lock:
@@ -236,3 +335,9 @@ class Engine:
 
     def _deadline(self) -> float:
         return time.monotonic() + self.config.job_timeout_s
+
+
+def _failed(exc: BaseException) -> Future[Any]:
+    future: Future[Any] = Future()
+    future.set_exception(exc)
+    return future

@@ -3,7 +3,8 @@
 The engine counts batches, jobs, batch sizes, refusals and the cache itself
 (``Engine.stats``); an observer receives only what it does not keep: how long each batch
 ran and how long its jobs waited. Calls come from the device worker's thread, once per
-batch, after its futures are complete; an observer must be quick and must not raise.
+batch, after its futures are complete (or from a request thread, for predictions an idle
+engine ran at once there); an observer must be quick, thread-safe, and must not raise.
 The engine knows nothing of HTTP or of any metrics library.
 """
 

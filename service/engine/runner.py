@@ -12,8 +12,7 @@ import copy
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -23,19 +22,20 @@ from models.kernels import BatchedLearner, KernelPath
 from models.params import BytesPacker
 from service.engine import batches
 from service.engine.batcher import Group
+from service.engine.cache import FastParams
 from service.engine.jobs import Adapted, AdaptJob, Inputs, Key
 
+GATHER_BUFFER_BYTES = 64 << 20  # most a runner keeps to stack predictions' params into
 
-@dataclass(frozen=True)
-class AdaptWork:
+
+class AdaptWork(NamedTuple):  # a tuple: built per adaptation, cheaper than a dataclass
     job: AdaptJob
     ticket: int  # the cache's epoch when the job was submitted
 
 
-@dataclass(frozen=True)
-class PredictWork:
+class PredictWork(NamedTuple):  # a tuple: built per prediction, cheaper than a dataclass
     inputs: Inputs  # (Q, D) rows or (Q, *input_shape)
-    fast: Tensor  # (P,) the client's params, flat: on the device (a hit) or the CPU (loaded)
+    fast: FastParams  # the client's params: on the device (a hit) or the CPU (loaded)
     key: Key
     ticket: int | None  # set when loaded after a miss: cache it under this ticket
 
@@ -48,6 +48,8 @@ class ModelRunner:
         self.name = model.name
         self.version = model.version  # the engine's key for this runner and its jobs
         self.device = device
+        self.on_cpu = device.type == "cpu"
+        self._buffer: Tensor | None = None  # (B, P) the last gather's, reused (_gather)
         config = model.config
         self.input_shape = config.input_shape
         self.classify = config.kind == "classification"
@@ -60,6 +62,26 @@ class ModelRunner:
             raise ValueError(f"meta-model {self.name!r}: fast params of mixed dtypes")
         head = learner.net.get_submodule("head")
         self.outputs = head.out_features if isinstance(head, nn.Linear) else None
+        # a one-client forward (the bmm path): each fast layer's (weight, bias), as
+        # indices into the packer's order, and every entry's size and shape
+        kernel = self.batched.kernel
+        order = {name: i for i, name in enumerate(self.packer.order)}
+        self.one: list[int] | None = None
+        if kernel is not None and set(order) == set(kernel.names()):
+            self.one = [order[name] for name in kernel.names()]
+        self.kernel = kernel  # the bmm path's (None: vmap), for predict_one
+        self.frozen = self.batched.frozen
+        self.sizes = [math.prod(self.packer.shapes[n]) for n in self.packer.order]
+        self.shapes = [self.packer.shapes[n] for n in self.packer.order]
+
+    def view(self, flat: Tensor) -> FastParams:
+        """Flat (P,) params with their one-client layout (views, no copy)."""
+        if self.one is None:
+            return FastParams(flat)
+        entries = [
+            t.view(shape) for t, shape in zip(flat.split(self.sizes), self.shapes, strict=True)
+        ]
+        return FastParams(flat, tuple(entries[i] for i in self.one))
 
     def fast_params(self, blob: bytes) -> Tensor:
         """Stored safetensors -> the flat (P,) params the cache holds, on the CPU; checked
@@ -103,12 +125,45 @@ class ModelRunner:
         ]
 
     def predict(self, works: Sequence[PredictWork]) -> list[list[list[float]]]:
+        """Each work's outputs (Q_i, O): one gathered forward over the clients' stacked
+        params, queries zero-padded to the longest (a row's outputs depend on that row
+        only); a lone client with its layout takes a plain forward, no stacking."""
+        if len(works) == 1 and works[0].fast.layers:
+            return [self.predict_one(works[0])]
         q = max(len(p.inputs) for p in works)
         x = batches.inputs([p.inputs for p in works], q, self.input_shape)  # (B, Q, *shape)
-        fast = self.packer.unflatten(torch.stack([p.fast for p in works]))  # (B, ...) per entry
+        flat = self._gather([p.fast.flat for p in works])  # (B, P)
+        fast = self.packer.unflatten(flat)  # (B, ...) per entry, views
         out = self.batched.predict(fast, x.to(self.device))  # (B, Q, O)
         rows: list[list[list[float]]] = out.cpu().tolist()
-        return [r[: len(p.inputs)] for r, p in zip(rows, works, strict=True)]
+        return [
+            r if len(r) == len(p.inputs) else r[: len(p.inputs)]
+            for r, p in zip(rows, works, strict=True)
+        ]
+
+    def predict_one(self, work: PredictWork) -> list[list[float]]:
+        """One client whose params have their layout (``view``): plain linear calls."""
+        x = work.inputs
+        if not isinstance(x, Tensor):
+            x = torch.tensor(x, dtype=torch.float32)  # (Q, D)
+        if len(self.input_shape) > 1:
+            x = x.reshape(len(x), *self.input_shape)  # (Q, *shape)
+        if not self.on_cpu:
+            x = x.to(self.device)
+        assert self.kernel is not None  # a layout (``self.one``) means the bmm path
+        out: list[list[float]] = self.kernel.predict_one(self.frozen, work.fast.layers, x).tolist()
+        return out  # (Q, O)
+
+    def _gather(self, flats: list[Tensor]) -> Tensor:
+        """The clients' flat params stacked (B, P), into a buffer kept for the next batch:
+        a fresh multi-megabyte tensor per batch page-faults, which cost more than the
+        forward pass. Callers hold the device (the worker's lock), so one buffer serves."""
+        b, p = len(flats), len(flats[0])
+        if b * p * flats[0].element_size() > GATHER_BUFFER_BYTES:
+            return torch.stack(flats)
+        if self._buffer is None or len(self._buffer) < b or self._buffer.dtype != flats[0].dtype:
+            self._buffer = flats[0].new_empty(max(b, 16), p)
+        return torch.stack(flats, out=self._buffer[:b])
 
     def warm_up(self) -> None:
         """A tiny batch of two and one of one, so the first request pays no set-up."""
@@ -120,5 +175,6 @@ class ModelRunner:
         works = [AdaptWork(AdaptJob(self.version, inputs, targets, 1, lr), 0)]
         for batch in (works * 2, works):
             done = self.adapt(batch)
-        fast = self.fast_params(done[0].params).to(self.device)
+        fast = self.view(self.fast_params(done[0].params).to(self.device))
         self.predict([PredictWork(inputs, fast, ("", "", ""), None)])
+        self.predict([PredictWork(inputs, fast, ("", "", ""), None)] * 2)

@@ -5,6 +5,11 @@
 cache miss are moved to the device and cached here, under the ticket their miss took.
 After each batch it tells its ``EngineObserver`` how long the batch ran and its jobs waited.
 
+The worker holds ``device_lock`` while it runs a batch. ``predict_now`` runs predictions
+in the caller's thread instead, under the same lock taken without waiting, when the
+device is free: a forward pass of a small net costs less than two thread hand-offs, so a
+prediction that finds the engine idle answers at the speed of a plain forward loop.
+
 A supervisor keeps the device served: an exception that escapes the worker's loop (a bug, a
 device error outside a batch's own ``try``) fails the batch it was running with
 ``Unavailable`` (503, retry), is logged and counted (``WorkerStats.restarts``), and a new
@@ -16,7 +21,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from concurrent.futures._base import FINISHED
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +36,27 @@ from service.errors import Unavailable
 
 log = logging.getLogger(__name__)
 RESTART_BACKOFF_S = (0.01, 1.0)  # pause before a restart: doubles per failure in a row, capped
+
+
+_DONE = threading.Condition()  # every DoneFuture's: re-entrant, and nobody waits on it
+
+
+class DoneFuture(Future[Any]):
+    """A future born done, with its result: a prediction run at once in the caller's
+    thread answers one per client (a plain Future's condition, set_result and notify
+    cost more than the forward pass of a small net). It behaves as any done Future
+    (``result``, callbacks, ``asyncio.wrap_future``, ``concurrent.futures.wait``)."""
+
+    def __init__(self, result: Any) -> None:  # no super().__init__: nothing to set up
+        self._condition = _DONE
+        self._state = FINISHED
+        self._result = result
+        self._exception = None
+        self._waiters: list[Any] = []
+        self._done_callbacks: list[Any] = []
+
+    def result(self, timeout: float | None = None) -> Any:
+        return self._result
 
 
 @dataclass
@@ -61,9 +89,11 @@ class DeviceWorker:
         self.cache = cache
         self.threads = threads
         self.observer = observer or EngineObserver()
+        self._observed = type(self.observer) is not EngineObserver  # not the do-nothing one
         self.stats = WorkerStats()
         self.names: dict[str, str] = {}  # meta-model version -> name, of batches run
         self.ready = threading.Event()
+        self.device_lock = threading.Lock()  # held while a batch runs, here or inline
         self._thread = threading.Thread()  # replaced by start(), and by every restart
         self._error: BaseException | None = None
         self._running: list[Job] = []  # the batch being run: failed if the thread dies
@@ -135,28 +165,61 @@ class DeviceWorker:
         time.sleep(min(most, first * 2 ** (self._failures - 1)))
         self._spawn(self._serve)
 
+    def predict_now(self, runner: ModelRunner, works: Sequence[PredictWork]) -> list[Any] | None:
+        """Run ``works`` (one batch of ``runner``'s) in the calling thread if the device is
+        free now: a done future per work. None if the worker holds the device (queue them)."""
+        if not self.device_lock.acquire(blocking=False):
+            return None
+        start = time.perf_counter()
+        try:
+            futures = self._predict_now(runner, works)
+            seconds = time.perf_counter() - start
+            self._count("predict", len(works), seconds)  # stats change under the lock
+            self.names[runner.version] = runner.name
+        finally:
+            self.device_lock.release()
+        if self._observed:
+            self._observe(runner.version, "predict", [0.0] * len(works), seconds)
+        return futures
+
+    def _predict_now(self, runner: ModelRunner, works: Sequence[PredictWork]) -> list[Any]:
+        try:
+            if len(works) == 1 and works[0].ticket is None and works[0].fast.layers:
+                return [DoneFuture(runner.predict_one(works[0]))]  # the common case, lean
+            results = runner.predict(self._cached(runner, works))
+        except Exception as exc:
+            if len(works) > 1:  # one bad job must not fail the others: run each alone
+                return [f for work in works for f in self._predict_now(runner, [work])]
+            self.stats.failed_jobs += 1
+            failed: Future[Any] = Future()
+            failed.set_exception(exc)
+            return [failed]
+        return [DoneFuture(result) for result in results]
+
     def _run_batch(self, batch: list[Job]) -> None:
         started = time.monotonic()  # the clock of Job.enqueued
         start = time.perf_counter()
         try:
-            results = self._execute(batch)
+            with self.device_lock:
+                results = self._execute(batch)
+                seconds = time.perf_counter() - start
+                self._count(str(batch[0].group[1]), len(batch), seconds)
         except Exception as exc:
             if len(batch) > 1:  # one bad job must not fail the others: run each alone
                 for job in batch:
                     self._run_batch([job])
                 return
-            self.stats.failed_jobs += 1
+            with self.device_lock:
+                self.stats.failed_jobs += 1
             batch[0].future.set_exception(exc)
             return
-        seconds = time.perf_counter() - start
-        self._count(batch, seconds)
         for job, result in zip(batch, results, strict=True):
             job.future.set_result(result)
-        self._observe(batch, started, seconds)
-
-    def _observe(self, batch: list[Job], started: float, seconds: float) -> None:
-        name, kind = self.names.get(str(batch[0].group[0]), ""), batch[0].group[1]
         waited = [started - job.enqueued for job in batch]
+        self._observe(str(batch[0].group[0]), str(batch[0].group[1]), waited, seconds)
+
+    def _observe(self, version: str, kind: str, waited: list[float], seconds: float) -> None:
+        name = self.names.get(version, "")
         try:
             self.observer.batch_ran(meta_model=name, kind=str(kind), seconds=seconds, waited=waited)
         except Exception:  # a broken observer must not stop the device
@@ -168,25 +231,31 @@ class DeviceWorker:
         self.names[runner.version] = runner.name  # metrics report meta-models by name
         if kind == "adapt":
             return runner.adapt([job.payload for job in batch])
-        works: list[PredictWork] = []
-        for job in batch:
-            work: PredictWork = job.payload
-            if work.ticket is not None:  # loaded after a miss: onto the device, into the cache
-                fast = work.fast.to(runner.device)
+        return runner.predict(self._cached(runner, [job.payload for job in batch]))
+
+    def _cached(self, runner: ModelRunner, works: Sequence[PredictWork]) -> Sequence[PredictWork]:
+        """Params loaded after a miss onto the device and into the cache, under their ticket."""
+        if all(work.ticket is None for work in works):
+            return works
+        out: list[PredictWork] = []
+        for work in works:
+            if work.ticket is not None:
+                fast = runner.view(work.fast.flat.to(runner.device))
                 self.cache.put(work.key, fast, work.ticket)
                 work = PredictWork(work.inputs, fast, work.key, None)
-            works.append(work)
-        return runner.predict(works)
+            out.append(work)
+        return out
 
-    def _count(self, batch: list[Job], seconds: float) -> None:
-        stats, size, kind = self.stats, len(batch), str(batch[0].group[1])
+    def _count(self, kind: str, size: int, seconds: float) -> None:
+        stats = self.stats
         if kind == "adapt":
             stats.adapt_batches += 1
             stats.adapt_jobs += size
         else:
             stats.predict_batches += 1
             stats.predict_jobs += size
-        stats.largest_batch = max(stats.largest_batch, size)
+        if size > stats.largest_batch:
+            stats.largest_batch = size
         sizes = stats.batch_sizes.setdefault(kind, {})
         sizes[size] = sizes.get(size, 0) + 1
         per_job = seconds / size

@@ -49,7 +49,7 @@ def test_replacing_a_key_does_not_count_its_bytes_twice() -> None:
     cache.put(("t", "a", "1"), params(2.0), 0)
     assert cache.stats().bytes == 40
     got = cache.get(("t", "a", "1"))
-    assert got is not None and float(got[0]) == 2.0
+    assert got is not None and float(got.flat[0]) == 2.0
 
 
 def test_forget_drops_every_version_of_one_client_of_one_tenant() -> None:

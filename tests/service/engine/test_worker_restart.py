@@ -95,7 +95,7 @@ def test_stop_waits_at_most_its_timeout_and_fails_what_is_still_queued(
 ) -> None:
     engine = Engine({"sinusoid": meta_models["sinusoid"]}, EngineConfig(device="cpu"))
     engine.start()
-    runner = engine.runners["sinusoid"]
+    runner = engine.runners[meta_models["sinusoid"].version]
     adapt, entered, release = runner.adapt, threading.Event(), threading.Event()
 
     def stuck(works: Any) -> Any:  # the running batch outlives the shutdown timeout
