@@ -340,12 +340,23 @@ def current_version(*, session: Session, tenant_id: str, client_id: str) -> int 
 
 
 # -- bulk (service/usecases/bulk.py) ---------------------------------------------------------
+@dataclass(frozen=True)
+class VersionRef:
+    """What a prediction needs of a version, without loading the whole row."""
+
+    client_id: str
+    version: int
+    uid: str
+    meta_model_version: str
+    labels: list[int | str] | None
+
+
 def versions_of(
     *, session: Session, tenant_id: str, wanted: Sequence[tuple[str, int | None]]
-) -> dict[tuple[str, int | None], ClientVersion]:
-    """Many clients' versions in one query (without parameters or support sets): each of
-    ``wanted`` is (client_id, version), version ``None`` meaning the current one. The
-    answer is keyed like ``wanted``; what was not found is absent."""
+) -> dict[tuple[str, int | None], VersionRef]:
+    """Many clients' versions in one query: each of ``wanted`` is (client_id, version),
+    version ``None`` meaning the current one. The answer is keyed like ``wanted``; what
+    was not found is absent."""
     current = sorted({client for client, version in wanted if version is None})
     pinned = sorted({(c, v) for c, v in wanted if v is not None})
     conditions: list[ColumnElement[bool]] = []
@@ -361,15 +372,23 @@ def versions_of(
     if not conditions:
         return {}
     stmt = (
-        select(ClientVersion, Client.current_version)
+        select(
+            ClientVersion.client_id,
+            ClientVersion.version,
+            ClientVersion.uid,
+            ClientVersion.meta_model_version,
+            ClientVersion.labels,
+            Client.current_version,
+        )
         .join(Client)
         .where(ClientVersion.tenant_id == tenant_id, or_(*conditions))
     )
-    found: dict[tuple[str, int | None], ClientVersion] = {}
-    for row, current_version in session.execute(stmt):
-        found[(row.client_id, row.version)] = row
-        if row.version == current_version:
-            found[(row.client_id, None)] = row
+    found: dict[tuple[str, int | None], VersionRef] = {}
+    for client_id, version, uid, sha, labels, current_version in session.execute(stmt):
+        ref = VersionRef(client_id, version, uid, sha, labels)
+        found[(client_id, version)] = ref
+        if version == current_version:
+            found[(client_id, None)] = ref
     return found
 
 

@@ -29,6 +29,7 @@ from service.engine import NotCached, PredictJob
 from service.errors import FastAdaptError, InvalidInput, NotFound, TooLarge
 from service.requests import RawInput, RawTarget
 from service.store import repository
+from service.store.repository import VersionRef
 from service.store.tables import ClientVersion
 from service.usecases.adapt import divergence, version_row
 from service.usecases.predict import Prediction, classify, meta_model_of
@@ -86,7 +87,7 @@ class _Pending:
 
     index: int
     client_id: str
-    row: ClientVersion
+    row: VersionRef
     model: MetaModel
     job: PredictJob
     future: Future[list[list[float]]] | None = None
@@ -149,7 +150,7 @@ def _validated(
     session: Session,
     runtime: Runtime,
     tenant_id: str,
-    found: dict[tuple[str, int | None], ClientVersion],
+    found: dict[tuple[str, int | None], VersionRef],
     index: int,
     item: PredictItem,
 ) -> _Pending:
