@@ -10,7 +10,6 @@ from fastapi import APIRouter, Header
 
 from service import usecases
 from service.api.deps import RuntimeDep, SessionDep, TenantDep
-from service.api.routes import ERRORS
 from service.api.schemas import (
     AdaptResponse,
     BulkAdaptationRequest,
@@ -19,11 +18,16 @@ from service.api.schemas import (
     BulkItemFailure,
     BulkPredictionRequest,
     BulkPredictionResponse,
+    ErrorResponse,
     PredictionResponse,
 )
 from service.errors import InvalidInput, status_of
 from service.usecases.bulk import AdaptItem, Failed, PredictItem
 
+# what the request as a whole may answer (an item's 404, 409 or 422 is in its result)
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (408, 413, 422, 503)
+}
 router = APIRouter(responses=ERRORS, tags=["bulk"])
 WHOLE = (
     "The request as a whole: 422 naming the field (no items, more than FASTADAPT_MAX_BULK, "
