@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from models import tasks
 from models.checkpoint import MetaModel, discover
-from service.api import docs, errors, jobs, keys, links, metrics, routes, stats, versions
+from service.api import bulk, docs, errors, jobs, keys, links, metrics, routes, stats, versions
 from service.api import meta_models as meta_model_routes
 from service.api.deps import get_principal, get_session
 from service.api.middleware import BodyLimit
@@ -185,6 +185,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         jobs.router,
         stats.router,
         keys.router,
+        bulk.router,
     )
     for router in routers:
         app.include_router(router, dependencies=authenticated, responses=routes.AUTH_ERRORS)

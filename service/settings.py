@@ -75,6 +75,13 @@ class Settings(BaseSettings):
     max_predict_batch: int = Field(
         default=10000, ge=1, description="Most inputs per prediction call."
     )
+    max_bulk: int = Field(
+        default=256,
+        ge=1,
+        description="Most items (clients) in one bulk request (/v1/predictions:batch, "
+        "/v1/adaptations:batch); a bulk prediction's inputs, all items together, stay within "
+        "max_predict_batch.",
+    )
     max_body_bytes: int = Field(
         default=4 * MiB, ge=1024, description="Largest request body, in bytes."
     )

@@ -16,6 +16,8 @@ from pydantic import (
     Tag,
 )
 
+from service.api.deps import CLIENT_ID_PATTERN, CLIENT_ID_RULE
+
 # A JSON number: no strings, no booleans, no NaN or infinity (Python's json accepts them).
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 # A number in a query string (the text "1.5" is fine there; "nan" and "inf" are not).
@@ -381,3 +383,69 @@ class JobResponse(Response):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+
+
+# -- bulk requests (service/api/bulk.py) -------------------------------------------------------
+BULK_LIMIT = "At most FASTADAPT_MAX_BULK items (default 256), else 422 naming the field."
+
+
+class BulkPredictionItem(PredictionRequest):
+    client_id: str = Field(pattern=CLIENT_ID_PATTERN, description=CLIENT_ID_RULE)
+
+
+class BulkPredictionRequest(Request):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "requests": [
+                        {"client_id": "alice", "inputs": [[0.5], [1.25]]},
+                        {"client_id": "bob", "inputs": [[-1.0]], "version": 2},
+                    ]
+                }
+            ]
+        }
+    )
+
+    requests: list[BulkPredictionItem] = Field(
+        description="One item per client (a client may appear more than once). "
+        + BULK_LIMIT
+        + " Their inputs, all items together, at most FASTADAPT_MAX_PREDICT_BATCH (else 413)."
+    )
+
+
+class BulkAdaptationItem(AdaptRequest):
+    client_id: str = Field(pattern=CLIENT_ID_PATTERN, description=CLIENT_ID_RULE)
+
+
+class BulkAdaptationRequest(Request):
+    adaptations: list[BulkAdaptationItem] = Field(
+        description="One item per client: a client appearing again in the same batch fails "
+        "that item (422 naming its client_id). " + BULK_LIMIT
+    )
+
+
+class BulkItemError(Response):
+    type: str = Field(description="As in an error body: not_found, invalid_input, ...")
+    message: str = Field(description="Names the item's field: requests[3].inputs[0]: ...")
+    status: int = Field(description="The HTTP status this item alone would have answered.")
+
+
+class BulkItemFailure(Response):
+    client_id: str
+    error: BulkItemError
+
+
+class BulkPredictionResponse(Response):
+    results: list[PredictionResponse | BulkItemFailure] = Field(
+        description="One per item, in the request's order: its predictions, or its error."
+    )
+
+
+class BulkAdaptationResponse(Response):
+    results: list[AdaptResponse | BulkItemFailure] = Field(
+        description="One per item, in the request's order: the client's new version, or its "
+        "error (that client keeps its current version)."
+    )
+    succeeded: int = Field(description="Items whose version was stored.")
+    failed: int = Field(description="Items refused: each has an error.")

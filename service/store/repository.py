@@ -14,6 +14,7 @@ from sqlalchemy import (
     Insert,
     Table,
     Update,
+    and_,
     bindparam,
     case,
     delete,
@@ -24,6 +25,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    tuple_,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -335,3 +337,67 @@ def current_version(*, session: Session, tenant_id: str, client_id: str) -> int 
         Client.tenant_id == tenant_id, Client.client_id == client_id
     )
     return session.scalars(stmt).one_or_none()
+
+
+# -- bulk (service/usecases/bulk.py) ---------------------------------------------------------
+@dataclass(frozen=True)
+class VersionRef:
+    """What a prediction needs of a version, without loading the whole row."""
+
+    client_id: str
+    version: int
+    uid: str
+    meta_model_version: str
+    labels: list[int | str] | None
+
+
+def versions_of(
+    *, session: Session, tenant_id: str, wanted: Sequence[tuple[str, int | None]]
+) -> dict[tuple[str, int | None], VersionRef]:
+    """Many clients' versions in one query: each of ``wanted`` is (client_id, version),
+    version ``None`` meaning the current one. The answer is keyed like ``wanted``; what
+    was not found is absent."""
+    current = sorted({client for client, version in wanted if version is None})
+    pinned = sorted({(c, v) for c, v in wanted if v is not None})
+    conditions: list[ColumnElement[bool]] = []
+    if current:
+        conditions.append(
+            and_(
+                ClientVersion.client_id.in_(current),
+                ClientVersion.version == Client.current_version,
+            )
+        )
+    if pinned:
+        conditions.append(tuple_(ClientVersion.client_id, ClientVersion.version).in_(pinned))
+    if not conditions:
+        return {}
+    stmt = (
+        select(
+            ClientVersion.client_id,
+            ClientVersion.version,
+            ClientVersion.uid,
+            ClientVersion.meta_model_version,
+            ClientVersion.labels,
+            Client.current_version,
+        )
+        .join(Client)
+        .where(ClientVersion.tenant_id == tenant_id, or_(*conditions))
+    )
+    found: dict[tuple[str, int | None], VersionRef] = {}
+    for client_id, version, uid, sha, labels, current_version in session.execute(stmt):
+        ref = VersionRef(client_id, version, uid, sha, labels)
+        found[(client_id, version)] = ref
+        if version == current_version:
+            found[(client_id, None)] = ref
+    return found
+
+
+def params_of(*, session: Session, tenant_id: str, uids: Sequence[str]) -> dict[str, bytes]:
+    """The adapted parameters of many versions (of the tenant) by ``uid``, in one query;
+    a version deleted meanwhile is absent."""
+    if not uids:
+        return {}
+    stmt = select(ClientVersion.uid, ClientVersion.params).where(
+        ClientVersion.tenant_id == tenant_id, ClientVersion.uid.in_(sorted(set(uids)))
+    )
+    return {str(uid): bytes(params) for uid, params in session.execute(stmt)}

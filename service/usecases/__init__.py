@@ -9,6 +9,7 @@ objects of ``service.requests``.
 
 from service.usecases import (
     adapt,
+    bulk,
     census,
     clients,
     idempotency,
@@ -25,6 +26,7 @@ __all__ = [
     "DEFAULT_TENANT",
     "Runtime",
     "adapt",
+    "bulk",
     "census",
     "clients",
     "idempotency",

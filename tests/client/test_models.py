@@ -27,6 +27,14 @@ PAIRS = [
     (client.MetaModelResponse, server.MetaModelResponse),
     (client.MetaModelList, server.MetaModelList),
     (client.ErrorResponse, server.ErrorResponse),
+    (client.BulkPredictionItem, server.BulkPredictionItem),
+    (client.BulkPredictionRequest, server.BulkPredictionRequest),
+    (client.BulkAdaptationItem, server.BulkAdaptationItem),
+    (client.BulkAdaptationRequest, server.BulkAdaptationRequest),
+    (client.BulkItemError, server.BulkItemError),
+    (client.BulkItemFailure, server.BulkItemFailure),
+    (client.BulkPredictionResponse, server.BulkPredictionResponse),
+    (client.BulkAdaptationResponse, server.BulkAdaptationResponse),
 ]
 
 

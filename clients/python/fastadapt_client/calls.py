@@ -17,6 +17,12 @@ from fastadapt_client.inputs import ImageInput, NumericInput, wire_inputs, wire_
 from fastadapt_client.models import (
     AdaptRequest,
     AdaptResponse,
+    BulkAdaptationItem,
+    BulkAdaptationRequest,
+    BulkAdaptationResponse,
+    BulkPredictionItem,
+    BulkPredictionRequest,
+    BulkPredictionResponse,
     ClientList,
     ClientResponse,
     ExamplesRequest,
@@ -163,6 +169,28 @@ def add_examples(
 
 def delete(client_id: str) -> Call[None]:
     return Call("DELETE", _client(client_id), lambda _: None)
+
+
+def predict_batch(
+    requests: Sequence[BulkPredictionItem | Mapping[str, Any]],
+) -> Call[BulkPredictionResponse]:
+    """Many clients' predictions in one request: items as ``BulkPredictionItem`` or
+    mappings with ``client_id``, ``inputs`` and optionally ``version``."""
+    items = [BulkPredictionItem.model_validate(item) for item in requests]
+    body = BulkPredictionRequest(requests=items)
+    return Call("POST", "/v1/predictions:batch", _reader(BulkPredictionResponse), _json(body))
+
+
+def adapt_batch(
+    adaptations: Sequence[BulkAdaptationItem | Mapping[str, Any]],
+) -> Call[BulkAdaptationResponse]:
+    """Many clients' adaptations in one request: items as ``BulkAdaptationItem`` or
+    mappings with ``client_id``, ``meta_model``, ``support`` ({"inputs", "targets"}) and
+    optionally ``inner_steps`` and ``inner_lr``. Sent without an Idempotency-Key (the
+    server does not take one here yet), so it is not retried after a lost connection."""
+    items = [BulkAdaptationItem.model_validate(item) for item in adaptations]
+    body = BulkAdaptationRequest(adaptations=items)
+    return Call("POST", "/v1/adaptations:batch", _reader(BulkAdaptationResponse), _json(body))
 
 
 def segment(value: str) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -20,6 +20,10 @@ from fastadapt_client.errors import REQUEST_ID_HEADER, FastAdaptError, Transport
 from fastadapt_client.inputs import ImageInput, NumericInput
 from fastadapt_client.models import (
     AdaptResponse,
+    BulkAdaptationItem,
+    BulkAdaptationResponse,
+    BulkPredictionItem,
+    BulkPredictionResponse,
     ClientList,
     ClientResponse,
     ClientSummary,
@@ -209,6 +213,20 @@ class Client(_Base):
     ) -> PredictionResponse:
         """Predictions of the current version (or of ``version``) for numbers or images."""
         return self.send(calls.predict(client_id, inputs=inputs, images=images, version=version))
+
+    def predict_batch(
+        self, requests: Sequence[BulkPredictionItem | Mapping[str, Any]]
+    ) -> BulkPredictionResponse:
+        """Many clients' predictions in one request (``POST /v1/predictions:batch``): one
+        result per item, in order, a ``PredictionResponse`` or a ``BulkItemFailure``."""
+        return self.send(calls.predict_batch(requests))
+
+    def adapt_batch(
+        self, adaptations: Sequence[BulkAdaptationItem | Mapping[str, Any]]
+    ) -> BulkAdaptationResponse:
+        """Many clients' adaptations in one request (``POST /v1/adaptations:batch``): one
+        result per item, in order, an ``AdaptResponse`` or a ``BulkItemFailure``."""
+        return self.send(calls.adapt_batch(adaptations))
 
     def history(self, client_id: str) -> ClientResponse:
         """The client's current version and every version (no parameters, no support sets)."""
@@ -421,6 +439,20 @@ class AsyncClient(_Base):
         return await self.send(
             calls.predict(client_id, inputs=inputs, images=images, version=version)
         )
+
+    async def predict_batch(
+        self, requests: Sequence[BulkPredictionItem | Mapping[str, Any]]
+    ) -> BulkPredictionResponse:
+        """Many clients' predictions in one request (``POST /v1/predictions:batch``): one
+        result per item, in order, a ``PredictionResponse`` or a ``BulkItemFailure``."""
+        return await self.send(calls.predict_batch(requests))
+
+    async def adapt_batch(
+        self, adaptations: Sequence[BulkAdaptationItem | Mapping[str, Any]]
+    ) -> BulkAdaptationResponse:
+        """Many clients' adaptations in one request (``POST /v1/adaptations:batch``): one
+        result per item, in order, an ``AdaptResponse`` or a ``BulkItemFailure``."""
+        return await self.send(calls.adapt_batch(adaptations))
 
     async def history(self, client_id: str) -> ClientResponse:
         return await self.send(calls.history(client_id))

@@ -190,3 +190,47 @@ class ErrorDetail(Response):
 
 class ErrorResponse(Response):
     error: ErrorDetail
+
+
+# -- bulk requests (one request, many clients) -------------------------------------------------
+class BulkPredictionItem(PredictionRequest):
+    client_id: str
+
+
+class BulkPredictionRequest(Request):
+    requests: list[BulkPredictionItem]
+
+
+class BulkAdaptationItem(AdaptRequest):
+    client_id: str
+
+
+class BulkAdaptationRequest(Request):
+    adaptations: list[BulkAdaptationItem]
+
+
+class BulkItemError(Response):
+    type: str
+    message: str = Field(description="Names the item's field: requests[3].inputs[0]: ...")
+    status: int = Field(description="The HTTP status this item alone would have answered.")
+
+
+class BulkItemFailure(Response):
+    """One item of a bulk request that failed: its client keeps what it had."""
+
+    client_id: str
+    error: BulkItemError
+
+
+class BulkPredictionResponse(Response):
+    results: list[PredictionResponse | BulkItemFailure] = Field(
+        description="One per item, in order: its predictions, or its error."
+    )
+
+
+class BulkAdaptationResponse(Response):
+    results: list[AdaptResponse | BulkItemFailure] = Field(
+        description="One per item, in order: the client's new version, or its error."
+    )
+    succeeded: int
+    failed: int
