@@ -89,6 +89,11 @@ class AdaptResponse(Response):
     source_version: int | None = Field(
         description="The version a readapt, examples, rollback or reconcile started from."
     )
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="What it was stored despite (outside what its meta-model was trained "
+        "for, or a support loss that rose), where the server's settings allow it.",
+    )
 
 
 class ClassPrediction(Response):
@@ -124,6 +129,11 @@ class VersionResponse(Response):
     )
     source_version: int | None = Field(
         description="The version a readapt, examples, rollback or reconcile started from."
+    )
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="What it was stored despite (outside what its meta-model was trained "
+        "for, or a support loss that rose), where the server's settings allow it.",
     )
 
 
@@ -176,6 +186,16 @@ class MetaModelResponse(Response):
     learned_lr: str = Field(description='"none", "per_param" (Meta-SGD), "per_layer_per_step".')
     max_way: int | None = Field(description="Classification: the most labels one client may use.")
     accepts_images: bool = Field(description="Inputs may be images (PNG/JPEG).")
+    trained_support: list[int] | None = Field(
+        description="[min, max] support points (regression) or examples per class it was "
+        "meta-trained for; None: not declared."
+    )
+    trained_inner_steps: list[int] | None = Field(
+        description="[min, max] inner_steps it accepts; None: not declared."
+    )
+    features: list[str] | None = Field(
+        description="Tabular: the feature names, in the order of a row; None otherwise."
+    )
 
 
 class MetaModelList(Response):
