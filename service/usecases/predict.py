@@ -98,6 +98,8 @@ def finish(pending: Pending, outputs: list[list[float]]) -> Prediction:
 async def outputs_of(runtime: Runtime, pending: Pending) -> list[list[float]]:
     """The engine's answer, awaited on the event loop (no thread waits for it), or
     ``Unavailable`` once it is overdue (as ``Runtime.wait``)."""
+    if pending.future.done():  # the engine's fast path ran it in the submitting thread
+        return pending.future.result()
     limit = runtime.settings.job_timeout_s + WAIT_GRACE_S
     try:
         return await asyncio.wait_for(asyncio.wrap_future(pending.future), limit)
