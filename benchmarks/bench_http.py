@@ -12,6 +12,13 @@ The two servers take turns run by run, so a change in the machine's background l
 hits both alike. Prints requests/s, p50/p99 latency and the mean batch the engine ran,
 medians over repeats. Needs wrk (``apt-get install wrk``).
 
+Both fastadapt servers run with auth on (``FASTADAPT_AUTH=required``, a key of tenant
+``bench`` on every request). A third server takes its turns beside them: the HTTP
+ceiling (``benchmarks/ceiling.py``: the same routes, request and response schemas under
+the same uvicorn settings, answering constants), and a second table prints fastadapt's
+share of it (batched req/s over ceiling req/s) against the goals: predictions at least
+0.8 of it at 64 connections, adaptations at least 0.6. ``--modes`` runs a subset.
+
 ``--overhead`` measures the performance budget instead (auth, rate limiting, metrics and
 access logs together cost at most 10% of prediction throughput at 64 connections): one
 server with them all on (``FASTADAPT_AUTH=required`` and a key of tenant ``bench`` on
@@ -29,9 +36,24 @@ from contextlib import ExitStack
 
 import httpx
 
-from benchmarks.serving import Run, Server, load, machine, require_wrk, server, threads, wrk
+from benchmarks.serving import (
+    Run,
+    Server,
+    ceiling,
+    load,
+    machine,
+    require_wrk,
+    server,
+    threads,
+    wrk,
+)
 
-MODES = {"batched": {}, "unbatched": {"FASTADAPT_MAX_BATCH_SIZE": "1"}}
+AUTH = {"FASTADAPT_AUTH": "required"}  # and a key of tenant "bench" on every request
+MODES = {
+    "batched": AUTH,
+    "unbatched": {**AUTH, "FASTADAPT_MAX_BATCH_SIZE": "1"},
+    "ceiling": {},  # benchmarks/ceiling.py: HTTP, JSON and pydantic alone
+}
 SCRIPTS = {"adapt": "adapt.lua", "predict": "predict.lua"}
 # --overhead: everything a public port needs, on against off (the budget: >= 0.90)
 HUGE = str(10**9)  # requests per second (and burst) that no run reaches
@@ -50,8 +72,10 @@ OVERHEAD = {
         "FASTADAPT_ACCESS_LOG": "false",
     },
 }
-TENANTS = {"on": "bench"}  # the modes whose server gets a key, and of which tenant
+# the modes whose server gets a key, and of which tenant
+TENANTS = {"on": "bench", "batched": "bench", "unbatched": "bench"}
 BUDGET = 0.90
+GOALS = {"predict": 0.8, "adapt": 0.6}  # share of the ceiling at the largest concurrency
 
 
 def seed_clients(url: str, clients: int, headers: dict[str, str] | None = None) -> None:
@@ -82,6 +106,8 @@ def measure(
     are up), and the mean batch the engine ran meanwhile."""
     script = SCRIPTS[workload]
     wrk(srv.url, script, connections, 1, srv.key, CLIENTS=str(clients))
+    if not srv.engine:  # the ceiling: no engine, no batches
+        return wrk(srv.url, script, connections, seconds, srv.key, CLIENTS=str(clients)), 0.0
     before = srv.stats()[workload]
     run = wrk(srv.url, script, connections, seconds, srv.key, CLIENTS=str(clients))
     after = srv.stats()[workload]
@@ -110,9 +136,16 @@ def main() -> None:
         action="store_true",
         help="auth, rate limit, metrics and access log on against off (predictions)",
     )
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        choices=list(MODES),
+        help="default: all three (not with --overhead); the ceiling table needs batched and "
+        "ceiling, the batching table batched and unbatched",
+    )
     args = p.parse_args()
     concurrency = args.concurrency or ([64] if args.overhead else [1, 16, 64])
-    modes = OVERHEAD if args.overhead else MODES
+    modes = OVERHEAD if args.overhead else {m: MODES[m] for m in args.modes or MODES}
     workloads = ["predict"] if args.overhead else list(SCRIPTS)
     require_wrk()
     print(f"fastadapt bench_http: {machine()}")
@@ -121,12 +154,17 @@ def main() -> None:
     batch: dict[tuple[str, str, int], list[float]] = {}
     with ExitStack() as stack:
         servers = {
-            mode: stack.enter_context(server(env, args.database_url, tenant=TENANTS.get(mode)))
+            mode: stack.enter_context(
+                ceiling()
+                if mode == "ceiling"
+                else server(env, args.database_url, tenant=TENANTS.get(mode))
+            )
             for mode, env in modes.items()
         }
         for srv in servers.values():
-            seed_clients(srv.url, args.clients, srv.headers)
-        settings = {mode: threads(srv.stats()) for mode, srv in servers.items()}
+            if srv.engine:
+                seed_clients(srv.url, args.clients, srv.headers)
+        settings = {mode: threads(srv.stats()) for mode, srv in servers.items() if srv.engine}
         for workload in workloads:
             for c in concurrency:
                 for _ in range(args.repeats):
@@ -142,9 +180,25 @@ def main() -> None:
         return
     print(
         f"wrk -t1, {args.seconds:g} s runs, median of {args.repeats} (servers take turns); "
-        f"{args.clients} clients, params cached; database: {args.database_url or 'SQLite'}; "
-        f"load average after: {load()}\n"
+        f"{args.clients} clients, params cached; auth on (a key on every request); "
+        f"database: {args.database_url or 'SQLite'}; load average after: {load()}\n"
     )
+    errors = 0
+    if "unbatched" in modes and "batched" in modes:
+        errors += report_batching(runs, batch, workloads, concurrency)
+    if "ceiling" in modes and "batched" in modes:
+        errors += report_ceiling(runs, workloads, concurrency)
+    if errors:
+        print(f"\nnon-2xx responses or socket errors: {errors}")
+
+
+def report_batching(
+    runs: dict[tuple[str, str, int], list[Run]],
+    batch: dict[tuple[str, str, int], list[float]],
+    workloads: list[str],
+    concurrency: list[int],
+) -> int:
+    """Batching on against off; the errors counted."""
     print(
         "| workload | conns | batched req/s | p50 ms | p99 ms | mean batch "
         "| unbatched req/s | p50 ms | p99 ms | throughput |"
@@ -161,8 +215,36 @@ def main() -> None:
                 f"| {mean_batch:.1f} | {u.rps:,.0f} | {u.p50_ms:.1f} | {u.p99_ms:.1f} "
                 f"| {b.rps / u.rps:.2f}x |"
             )
-    if errors:
-        print(f"\nnon-2xx responses or socket errors: {errors}")
+    return errors
+
+
+def report_ceiling(
+    runs: dict[tuple[str, str, int], list[Run]], workloads: list[str], concurrency: list[int]
+) -> int:
+    """fastadapt (batched) as a share of the HTTP ceiling; the errors counted."""
+    print(
+        "\nfastadapt's share of the HTTP ceiling (benchmarks/ceiling.py: same routes and "
+        "schemas, same uvicorn, constant answers); goal at the largest concurrency: "
+        + ", ".join(f"{w} >= {g}" for w, g in GOALS.items())
+        + "\n"
+    )
+    print("| workload | conns | ceiling req/s | p50 ms | fastadapt req/s | p50 ms | share | goal |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    errors = 0
+    top = max(concurrency)
+    for workload in workloads:
+        for c in concurrency:
+            ceil = median(runs[("ceiling", workload, c)])
+            fast = median(runs[("batched", workload, c)])
+            errors += ceil.errors + fast.errors
+            share = fast.rps / ceil.rps
+            goal = GOALS[workload]
+            verdict = ("met" if share >= goal else "MISSED") + f" (>= {goal})" if c == top else ""
+            print(
+                f"| {workload} | {c} | {ceil.rps:,.0f} | {ceil.p50_ms:.1f} | {fast.rps:,.0f} "
+                f"| {fast.p50_ms:.1f} | {share:.2f} | {verdict} |"
+            )
+    return errors
 
 
 def report_overhead(

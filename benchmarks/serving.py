@@ -41,6 +41,7 @@ class Server:
     url: str
     data_dir: Path  # its SQLite database lives here unless a URL was given
     key: str | None = None  # an API key of the server's tenant, when it was given one
+    engine: bool = True  # False: the ceiling app (benchmarks/ceiling.py), no engine stats
 
     @property
     def headers(self) -> dict[str, str]:
@@ -93,6 +94,29 @@ def server(
         try:
             _wait_ready(url, proc, log)
             yield Server(url, Path(data), key)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+@contextmanager
+def ceiling() -> Iterator[Server]:
+    """The HTTP ceiling (``benchmarks/ceiling.py``) on a free port: the same routes and
+    schemas under the same uvicorn settings, answering constants."""
+    with tempfile.TemporaryDirectory(prefix="fastadapt-ceiling-") as data:
+        port = free_port()
+        log = Path(data) / "server.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "benchmarks.ceiling", "--port", str(port)],
+                cwd=HERE.parent,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            _wait_ready(url, proc, log)
+            yield Server(url, Path(data), engine=False)
         finally:
             proc.terminate()
             proc.wait(timeout=30)

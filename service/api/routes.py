@@ -3,9 +3,12 @@ and the open probes (``health``). Each parses, calls one use case, returns a wir
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
 
 from service import usecases
 from service.api.deps import ClientId, IdempotencyDep, RuntimeDep, SessionDep, TenantDep
@@ -22,6 +25,7 @@ from service.api.schemas import (
     Status,
 )
 from service.errors import Unavailable
+from service.usecases import Runtime
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (404, 408, 409, 413, 422, 503)
@@ -66,9 +70,17 @@ def replayed(created: usecases.idempotency.Created, response: Response) -> Any:
     return created.version
 
 
-def etag(prediction: usecases.predict.Prediction, response: Response) -> PredictionResponse:
-    response.headers["ETag"] = f'"{prediction.version_id}"'
-    return PredictionResponse.model_validate(prediction)
+async def predicted(runtime: Runtime, start: Callable[[], usecases.predict.Pending]) -> Response:
+    """A prediction, answered: ``start`` (the database read and the engine's submit) in a
+    worker thread, the engine's answer awaited on the event loop (no thread waits for it),
+    the body serialised once by pydantic, with the version's ETag."""
+    pending = await run_in_threadpool(start)
+    outputs = await usecases.predict.outputs_of(runtime, pending)
+    prediction = usecases.predict.finish(pending, outputs)
+    body = PredictionResponse.model_validate(prediction).model_dump_json()
+    return Response(
+        body, media_type="application/json", headers={"ETag": f'"{prediction.version_id}"'}
+    )
 
 
 @health.get("/healthz", tags=["health"])
@@ -168,22 +180,23 @@ def readapt(
 @router.get(
     "/v1/clients/{client_id}/predictions",
     tags=["clients"],
+    response_model=PredictionResponse,
     responses={200: {"headers": PREDICTION_HEADERS}},
 )
-def predict_query(
+async def predict_query(
     client_id: ClientId,
     x: Annotated[list[QueryNumber], Query(description="One value per 1-D input.")],
     session: SessionDep,
     runtime: RuntimeDep,
     tenant_id: TenantDep,
-    response: Response,
     version: Annotated[
         int | None, Query(ge=1, le=MAX_VERSION, description="Default: the current version.")
     ] = None,
-) -> PredictionResponse:
+) -> Response:
     """Predictions of the current version, or of ``version``, for 1-D inputs:
     ``?x=0.5&x=1.25&version=2``."""
-    prediction = usecases.predict.predict(
+    start = partial(
+        usecases.predict.start,
         session=session,
         runtime=runtime,
         tenant_id=tenant_id,
@@ -192,24 +205,25 @@ def predict_query(
         version=version,
         field="x",
     )
-    return etag(prediction, response)
+    return await predicted(runtime, start)
 
 
 @router.post(
     "/v1/clients/{client_id}/predictions",
     tags=["clients"],
+    response_model=PredictionResponse,
     responses={200: {"headers": PREDICTION_HEADERS}},
 )
-def predict(
+async def predict(
     client_id: ClientId,
     body: PredictionRequest,
     session: SessionDep,
     runtime: RuntimeDep,
     tenant_id: TenantDep,
-    response: Response,
-) -> PredictionResponse:
+) -> Response:
     """Predictions of the current version, or of ``version``."""
-    prediction = usecases.predict.predict(
+    start = partial(
+        usecases.predict.start,
         session=session,
         runtime=runtime,
         tenant_id=tenant_id,
@@ -217,7 +231,7 @@ def predict(
         inputs=body.inputs,
         version=body.version,
     )
-    return etag(prediction, response)
+    return await predicted(runtime, start)
 
 
 @router.get("/v1/clients/{client_id}", tags=["clients"])

@@ -167,6 +167,41 @@ def get_version(
     return session.scalars(stmt).one_or_none()
 
 
+@dataclass(frozen=True)
+class Predictable:
+    """What a prediction needs of a stored version (not its parameters or support set)."""
+
+    version: int
+    uid: str
+    meta_model_version: str  # the meta-model version's sha
+    labels: list[int | str] | None
+
+
+PREDICTABLE = (
+    ClientVersion.version,
+    ClientVersion.uid,
+    ClientVersion.meta_model_version,
+    ClientVersion.labels,
+)
+
+
+def get_predictable(
+    *, session: Session, tenant_id: str, client_id: str, version: int | None = None
+) -> Predictable | None:
+    """The current version (or ``version``) as a prediction needs it: one query of four
+    columns, read as plain rows (no ORM objects), the hot path of every prediction.
+    Never cached: each read sees the newest commit of any replica."""
+    stmt = select(*PREDICTABLE).where(
+        ClientVersion.tenant_id == tenant_id, ClientVersion.client_id == client_id
+    )
+    if version is not None:
+        stmt = stmt.where(ClientVersion.version == version)
+    else:
+        stmt = stmt.join(Client).where(ClientVersion.version == Client.current_version)
+    row = session.execute(stmt).one_or_none()
+    return None if row is None else Predictable(*row)
+
+
 def load_params(*, session: Session, tenant_id: str, uid: str) -> bytes | None:
     """The adapted parameters (safetensors bytes) of the version ``uid`` (of the tenant):
     by identity, so a version deleted meanwhile is never answered with its successor's."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
@@ -11,10 +13,10 @@ from sqlalchemy.orm import Session
 from models.checkpoint import MetaModel
 from service import requests
 from service.engine import NotCached, PredictJob
-from service.errors import Conflict, InvalidInput, NotFound
+from service.errors import Conflict, InvalidInput, NotFound, Unavailable
 from service.requests import Label, RawInput
 from service.store import repository
-from service.usecases.runtime import Runtime, missing, storing
+from service.usecases.runtime import WAIT_GRACE_S, Runtime, missing, storing
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,82 @@ class Prediction:
     predictions: list[float] | list[list[float]] | list[LabelPrediction]
 
 
+@dataclass(frozen=True)
+class Pending:
+    """A prediction submitted to the engine: its future, and what ``finish`` needs."""
+
+    future: Future[list[list[float]]]  # (Q, O) outputs
+    client_id: str
+    version: int
+    uid: str
+    labels: list[Label] | None
+    temperature: float
+    field: str
+
+
 @storing
+def start(
+    *,
+    session: Session,
+    runtime: Runtime,
+    tenant_id: str,
+    client_id: str,
+    inputs: Sequence[RawInput],
+    version: int | None = None,
+    field: str = "inputs",
+) -> Pending:
+    """Read the version (one query), validate the inputs, submit to the engine: the part
+    of a prediction that reads the database (a worker thread's). The session is closed
+    before it returns, so no connection is held while the engine works."""
+    requests.prediction_size(inputs, runtime.settings, field)
+    row = repository.get_predictable(
+        session=session, tenant_id=tenant_id, client_id=client_id, version=version
+    )
+    if row is None:
+        raise missing(session=session, tenant_id=tenant_id, client_id=client_id, version=version)
+    model = meta_model_of(session=session, runtime=runtime, sha=row.meta_model_version)
+    x = requests.model_inputs(model, inputs, field=field, settings=runtime.settings)
+    session.close()
+    job = PredictJob(model.version, (tenant_id, client_id, row.uid), x, model=model)
+    try:
+        future = runtime.engine.submit_predict(job)
+    except NotCached as miss:  # read the stored params, in this thread, and submit again
+        params = repository.load_params(session=session, tenant_id=tenant_id, uid=row.uid)
+        session.close()
+        if params is None:
+            raise NotFound(f"unknown client {client_id!r}") from None
+        future = runtime.engine.submit_predict(miss.loaded(params))
+    return Pending(future, client_id, row.version, row.uid, row.labels, model.temperature, field)
+
+
+def finish(pending: Pending, outputs: list[list[float]]) -> Prediction:
+    """The prediction from the engine's outputs (no database, no device: any thread)."""
+    if not all(math.isfinite(v) for out in outputs for v in out):
+        raise InvalidInput(pending.field, "the predictions are not finite for these inputs")
+    number, uid, labels = pending.version, pending.uid, pending.labels
+    if labels is not None:
+        predictions = [classify(out, labels, pending.temperature) for out in outputs]
+        return Prediction(pending.client_id, number, uid, predictions)
+    single = all(len(out) == 1 for out in outputs)
+    flat = [out[0] for out in outputs] if single else outputs
+    return Prediction(pending.client_id, number, uid, flat)
+
+
+async def outputs_of(runtime: Runtime, pending: Pending) -> list[list[float]]:
+    """The engine's answer, awaited on the event loop (no thread waits for it), or
+    ``Unavailable`` once it is overdue (as ``Runtime.wait``)."""
+    if pending.future.done():  # the engine's fast path ran it in the submitting thread
+        return pending.future.result()
+    limit = runtime.settings.job_timeout_s + WAIT_GRACE_S
+    try:
+        return await asyncio.wait_for(asyncio.wrap_future(pending.future), limit)
+    except TimeoutError:
+        pending.future.cancel()
+        raise Unavailable(
+            f"the engine did not answer within {limit:g} s", retry_after=1.0
+        ) from None
+
+
 def predict(
     *,
     session: Session,
@@ -43,35 +120,18 @@ def predict(
     version: int | None = None,
     field: str = "inputs",
 ) -> Prediction:
-    """Predictions of one client version (the current one by default)."""
-    requests.prediction_size(inputs, runtime.settings, field)
-    row = repository.get_version(
-        session=session, tenant_id=tenant_id, client_id=client_id, version=version
+    """Predictions of one client version (the current one by default), waiting in this
+    thread (the API awaits ``start``'s future on the event loop instead)."""
+    pending = start(
+        session=session,
+        runtime=runtime,
+        tenant_id=tenant_id,
+        client_id=client_id,
+        inputs=inputs,
+        version=version,
+        field=field,
     )
-    if row is None:
-        raise missing(session=session, tenant_id=tenant_id, client_id=client_id, version=version)
-    model = meta_model_of(session=session, runtime=runtime, sha=row.meta_model_version)
-    x = requests.model_inputs(model, inputs, field=field, settings=runtime.settings)
-    labels = row.labels
-    number, uid = row.version, row.uid
-    session.close()  # no connection is held while the engine works
-    job = PredictJob(model.version, (tenant_id, client_id, uid), x, model=model)
-    try:
-        future = runtime.engine.submit_predict(job)
-    except NotCached as miss:  # read the stored params, in this thread, and submit again
-        params = repository.load_params(session=session, tenant_id=tenant_id, uid=uid)
-        session.close()
-        if params is None:
-            raise NotFound(f"unknown client {client_id!r}") from None
-        future = runtime.engine.submit_predict(miss.loaded(params))
-    outputs = runtime.wait(future)
-    if not all(math.isfinite(v) for out in outputs for v in out):
-        raise InvalidInput(field, "the predictions are not finite for these inputs")
-    if labels is not None:
-        predictions = [classify(out, labels, model.temperature) for out in outputs]
-        return Prediction(client_id, number, uid, predictions)
-    single = all(len(out) == 1 for out in outputs)
-    return Prediction(client_id, number, uid, [out[0] for out in outputs] if single else outputs)
+    return finish(pending, runtime.wait(pending.future))
 
 
 def meta_model_of(*, session: Session, runtime: Runtime, sha: str) -> MetaModel:

@@ -41,9 +41,15 @@ def test_upgrade_on_an_empty_database_creates_exactly_the_tables(
 
 @pytest.fixture
 def no_server(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """Stand-in for uvicorn.run: records the app instead of serving it."""
+    """Stand-in for ``uvicorn.Server.run`` (``fastadapt serve`` runs a subclass): records
+    the app and where it would listen instead of serving it."""
     served: list[Any] = []
-    monkeypatch.setattr("uvicorn.run", lambda app, **kwargs: served.append((app, kwargs)))
+
+    def run(self: Any, sockets: Any = None) -> None:
+        served.append((self.config.app, {"host": self.config.host, "port": self.config.port}))
+        self.started = True
+
+    monkeypatch.setattr("uvicorn.Server.run", run)
     return served
 
 
