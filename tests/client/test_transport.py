@@ -52,6 +52,9 @@ ADAPTED = {
     "support_loss_after": 0.5,
     "adapt_ms": 3.0,
     "labels": None,
+    "origin": "adapt",
+    "source_version": None,
+    "warnings": [],
 }
 Reply = httpx.Response | Exception
 
