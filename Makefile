@@ -58,8 +58,9 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check $(LINTED) tests
 	$(BIN)/mypy $(LINTED)
 
-# In-process adaptation, HTTP batching on/off, the params cache under a working set five
-# times its size, storage per version, image adaptation: each prints a table
+# In-process adaptation and predictions, HTTP batching on/off and the HTTP ceiling, the
+# params cache under a working set five times its size, storage per version, image
+# adaptation, bulk endpoints against one request per client: each prints a table
 # (README.md#benchmarks).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 bench: $(STAMP)
@@ -70,6 +71,7 @@ bench: $(STAMP)
 	FASTADAPT_TEST_POSTGRES_URL="$${FASTADAPT_TEST_POSTGRES_URL-postgresql+psycopg://postgres@127.0.0.1:5432/test}" \
 	  $(BIN)/python -m benchmarks.bench_storage
 	$(BIN)/python -m benchmarks.bench_images
+	$(BIN)/python -m benchmarks.bench_bulk
 
 # Two replicas on PostgreSQL (a fresh schema of FASTADAPT_TEST_POSTGRES_URL's database,
 # dropped afterwards) under a checked adapt/predict load for 60 s, then a count in the
