@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -209,15 +210,21 @@ def reconcile(parsed: argparse.Namespace, poll_s: float = 1.0) -> int:
     if problem:
         print(f"fastadapt: {problem}", file=sys.stderr)
         return 2
+    from service.usecases import meta_models
     from service.usecases import reconcile as usecase
     from service.usecases.registry import ModelRegistry
+
+    registry = ModelRegistry(settings)  # registers what this install ships, as serve does
+    registry.pending = functools.partial(
+        meta_models.register_shipped, registry=registry, directory=settings.models_dir
+    )
 
     database = connect(settings.database_url)
     try:
         with session_factory(database)() as session:
             status = usecase.start(
                 session=session,
-                registry=ModelRegistry(settings),
+                registry=registry,
                 tenant_id=parsed.tenant,
                 meta_model=parsed.name,
             )

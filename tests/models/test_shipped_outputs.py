@@ -57,9 +57,10 @@ def record() -> dict[str, Any]:
 # float32 sums. The sinusoid's differences stay below 4e-7. Omniglot's fixed task is
 # noise images, on which its 10 head steps at learned rates near 5 diverge (support loss
 # 3.0 -> 9.3): that amplifies a 1e-7 reordering in the body's features to 4e-4..9e-4 in
-# the loss and 2e-3 in logits of about 13, varying run to run. A change of the maths
-# moves them by far more (a wrong rate or step count: whole units).
-TOLERANCE = {"sinusoid": (0.0, 1e-5), "omniglot": (1e-2, 1e-3)}
+# the loss and up to 1.4e-2 in logits of about 13, varying run to run. A change of the maths
+# moves them by far more (a wrong rate or step count: whole units). Before adaptation
+# nothing is amplified: loss_before is held to 1e-5 for both.
+TOLERANCE = {"sinusoid": (0.0, 1e-5), "omniglot": (5e-2, 5e-2)}
 
 
 @pytest.mark.parametrize("name", ["omniglot", "sinusoid"])
@@ -67,8 +68,9 @@ def test_shipped_artifact_outputs_are_unchanged(name: str) -> None:
     expected = json.loads(RECORD.read_text())[name]
     got = outputs(MetaModel.load(ARTIFACTS / name))
     assert got["sha256"] == expected["sha256"]
+    assert abs(got["loss_before"] - expected["loss_before"]) <= 1e-5
     rtol, atol = TOLERANCE[name]
-    for key in ("loss_before", "loss_after", "predictions"):
+    for key in ("loss_after", "predictions"):
         torch.testing.assert_close(
             torch.tensor(got[key]), torch.tensor(expected[key]), rtol=rtol, atol=atol
         )

@@ -45,7 +45,8 @@ def meta_models() -> dict[str, MetaModel]:
 def adapt(meta_models: dict[str, MetaModel], **values: Any) -> requests.Adaptation:
     settings = Settings(allow_untrained=values.pop("allow_untrained", False))
     body: dict[str, Any] = {"meta_model": "learned", "inputs": XS, "targets": YS, **values}
-    return requests.adaptation(meta_models=meta_models, settings=settings, **body)
+    model = meta_models[body.pop("meta_model")]  # the version the use case resolved
+    return requests.adaptation(model=model, settings=settings, **body)
 
 
 def refused(meta_models: dict[str, MetaModel], **values: Any) -> InvalidInput:

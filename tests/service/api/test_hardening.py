@@ -84,7 +84,8 @@ def test_an_unreachable_database_is_503_with_retry_after(
     def down(**_: Any) -> Any:
         raise OperationalError("SELECT ...", {}, ConnectionRefusedError("connection refused"))
 
-    for name in ("get_version", "get_client", "delete_client", "append_versions", "ping"):
+    names = ("get_version", "get_predictable", "get_client", "delete_client", "append_versions")
+    for name in (*names, "ping"):
         monkeypatch.setattr(repository, name, down)
     for response in (
         api.post(ADAPT, json=body()),

@@ -9,13 +9,13 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.app import load_meta_models
 from service.background import Reconciler
 from service.engine import Engine
 from service.errors import Conflict, NotFound
@@ -23,7 +23,8 @@ from service.settings import Settings
 from service.store import jobs, repository
 from service.store.group_commit import GroupCommit
 from service.store.session import connect, session_factory
-from service.usecases import DEFAULT_TENANT, Runtime, adapt, clients, reconcile
+from service.usecases import DEFAULT_TENANT, Runtime, adapt, clients, meta_models, reconcile
+from service.usecases.registry import ModelRegistry
 from tests.service.reconcile_fixtures import models_dir_with, perturbed_copy
 from tests.service.store_fixtures import BACKENDS
 
@@ -34,19 +35,30 @@ T = DEFAULT_TENANT
 RuntimeFactory = Callable[..., Runtime]
 
 
+def shipped_sha(models: Path) -> str:
+    """The version (sha256) of the sinusoid artifact under ``models``."""
+    return (models / "sinusoid" / "weights.sha256").read_text().strip()
+
+
 @pytest.fixture
 def make_runtime(tmp_path: Path) -> Iterator[RuntimeFactory]:
     engines: list[Engine] = []
 
     def make(models: Path, **overrides: Any) -> Runtime:
-        settings = Settings(data_dir=tmp_path, models_dir=models, device="cpu", **overrides)
-        meta_models = load_meta_models(models)
-        engine = Engine(meta_models, settings)
+        """A process shipping the artifacts under ``models``: registered (the start-up
+        rule: a sha first seen is promoted) on its first use of the registry."""
+        settings = Settings(
+            data_dir=tmp_path, models_dir=models, device="cpu", promotion_refresh_s=0, **overrides
+        )
+        registry = ModelRegistry(settings)
+        registry.pending = partial(
+            meta_models.register_shipped, registry=registry, directory=models
+        )
+        engine = Engine({}, settings)
+        registry.engine = engine
         engine.start()
         engines.append(engine)
-        return Runtime(
-            engine=engine, commits=GroupCommit(), meta_models=meta_models, settings=settings
-        )
+        return Runtime(engine=engine, commits=GroupCommit(), registry=registry, settings=settings)
 
     yield make
     for engine in engines:
@@ -113,19 +125,17 @@ def test_claims_leases_and_the_compare_and_swap(
             inputs=XS,
             targets=YS,
         )
-    v1 = old.meta_models["sinusoid"].version
-    target = new.meta_models["sinusoid"].version
+    v1 = shipped_sha(dirs[0])
+    target = shipped_sha(dirs[1])
     assert v1 != target
     with sessions() as session:
         started = reconcile.start(
-            session=session, meta_models=new.meta_models, tenant_id=T, meta_model="sinusoid"
+            session=session, registry=new.registry, tenant_id=T, meta_model="sinusoid"
         )
     job = started.job
     assert (job.state, job.total, job.target) == ("queued", 6, target)
     with sessions() as session, pytest.raises(Conflict):  # one job at a time
-        reconcile.start(
-            session=session, meta_models=new.meta_models, tenant_id=T, meta_model="sinusoid"
-        )
+        reconcile.start(session=session, registry=new.registry, tenant_id=T, meta_model="sinusoid")
 
     with sessions() as session:
         a = reconcile.claim(session=session, worker="A", lease_s=60, limit=2)
@@ -174,7 +184,7 @@ def test_claims_leases_and_the_compare_and_swap(
     }
     with sessions() as session:  # nothing stale now: a job that is done at once
         again = reconcile.start(
-            session=session, meta_models=new.meta_models, tenant_id=T, meta_model="sinusoid"
+            session=session, registry=new.registry, tenant_id=T, meta_model="sinusoid"
         )
     assert (again.job.state, again.job.total, again.eta_s) == ("done", 0, 0.0)
 
@@ -187,7 +197,7 @@ def test_a_failing_client_keeps_its_version_and_is_listed(
     adapt_clients(sessions, old, ["big"])
     with sessions() as session:
         job = reconcile.start(
-            session=session, meta_models=new.meta_models, tenant_id=T, meta_model="sinusoid"
+            session=session, registry=new.registry, tenant_id=T, meta_model="sinusoid"
         ).job
         (item,) = reconcile.claim(session=session, worker="A", lease_s=60, limit=4)
         assert reconcile.run(session=session, runtime=new, worker="A", claim=item) == "failed"
@@ -207,7 +217,7 @@ def test_cancel_stops_claims(
     adapt_clients(sessions, old, ["a", "b"])
     with sessions() as session:
         job = reconcile.start(
-            session=session, meta_models=new.meta_models, tenant_id=T, meta_model="sinusoid"
+            session=session, registry=new.registry, tenant_id=T, meta_model="sinusoid"
         ).job
         (held,) = reconcile.claim(session=session, worker="A", lease_s=60, limit=1)
         cancelled = reconcile.cancel(session=session, tenant_id=T, job_id=job.id)
@@ -234,7 +244,7 @@ def test_two_runners_racing_reconcile_each_client_exactly_once(
     adapt_clients(sessions, old, ids)
     with sessions() as session:
         job = reconcile.start(
-            session=session, meta_models=new.meta_models, tenant_id=T, meta_model="sinusoid"
+            session=session, registry=new.registry, tenant_id=T, meta_model="sinusoid"
         ).job
     runners = [Reconciler(sessions, new), Reconciler(sessions, new)]
 
@@ -251,7 +261,7 @@ def test_two_runners_racing_reconcile_each_client_exactly_once(
         while reconcile.claimable(session=session, lease_s=0.05):  # leftovers of expired leases
             drain(runners[0])
         status = reconcile.get(session=session, tenant_id=T, job_id=job.id)
-    target = new.meta_models["sinusoid"].version
+    target = shipped_sha(dirs[1])
     for client_id in ids:
         assert [sha for _, sha in versions(sessions, client_id)][1:] == [target], client_id
     assert (status.job.state, status.job.done, status.job.failed) == ("done", 12, 0)
@@ -276,7 +286,7 @@ def test_a_re_adaptation_that_makes_the_loss_worse_creates_nothing(
     monkeypatch.setattr(reconcile, "adapted_version", worse)
     with sessions() as session:
         job = reconcile.start(
-            session=session, meta_models=new.meta_models, tenant_id=T, meta_model="sinusoid"
+            session=session, registry=new.registry, tenant_id=T, meta_model="sinusoid"
         ).job
         (item,) = reconcile.claim(session=session, worker="A", lease_s=60, limit=4)
         assert reconcile.run(session=session, runtime=new, worker="A", claim=item) == "failed"
