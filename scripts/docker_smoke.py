@@ -34,6 +34,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ PROJECT = "fastadapt-smoke"
 REPLICAS = 3
 CLIENTS = 18
 QUERY = (-3.0, -0.5, 0.5, 2.0, 4.5)
+VERSIONS_KEPT = 10  # the server's default FASTADAPT_VERSIONS_KEPT: older versions are pruned
 RETRYABLE = {502, 503, 504}  # the load balancer's (or a stopping replica's) transient answers
 START = time.monotonic()
 
@@ -198,14 +200,27 @@ class Api:
         except urllib.error.HTTPError as error:
             raw = error.read()
             status, replica = error.code, error.headers.get("X-Fastadapt-Replica")
-        return Answer(status, json.loads(raw) if raw else None, replica or "-")
+        try:  # the load balancer's own 502/503 pages are HTML
+            parsed = json.loads(raw) if raw else None
+        except ValueError:
+            parsed = None
+        return Answer(status, parsed, replica or "-")
 
-    def call(self, method: str, path: str, body: Any = None, *, expect: int = 200) -> Answer:
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        expect: int = 200,
+        headers: dict[str, str] | None = None,
+    ) -> Answer:
         """One request, retried (up to 30 times, 0.5 s apart) while the deployment is
-        transiently unable to answer; anything else unexpected fails the smoke."""
+        transiently unable to answer; anything else unexpected fails the smoke. A POST is
+        retried safely when it carries an Idempotency-Key (the same on every attempt)."""
         for attempt in range(30):
             try:
-                answer = self.once(method, path, body)
+                answer = self.once(method, path, body, headers=headers)
                 setback = f"HTTP {answer.status}" if answer.status in RETRYABLE else ""
             except (ConnectionError, TimeoutError, urllib.error.URLError) as exc:
                 answer, setback = None, type(getattr(exc, "reason", exc)).__name__
@@ -273,7 +288,11 @@ class Client:
 def adapt_then_predict(api: Api, client: Client, rng: random.Random) -> None:
     """Adapt, then predict from the new version on the very next request."""
     adapted = api.call(
-        "POST", f"/v1/clients/{client.name}/adaptations", client.support(rng), expect=201
+        "POST",
+        f"/v1/clients/{client.name}/adaptations",
+        client.support(rng),
+        expect=201,
+        headers={"Idempotency-Key": uuid.uuid4().hex},  # a retry after a lost answer: once
     )
     version = adapted.body["version"]
     client.acknowledged.append(version)
@@ -292,15 +311,18 @@ def adapt_then_predict(api: Api, client: Client, rng: random.Random) -> None:
 
 def snapshot(api: Api, clients: list[Client]) -> dict[str, dict[int, list[float]]]:
     """Every stored version of every client and its predictions at QUERY; checks that the
-    acknowledged versions are all there and the versions run 1..current with no gap."""
+    versions are the newest ``VERSIONS_KEPT`` up to the current one with no gap (retention
+    prunes older ones) and that every acknowledged version among them is there."""
     query = "&".join(f"x={x}" for x in QUERY)
     stored: dict[str, dict[int, list[float]]] = {}
     for client in clients:
         history = api.call("GET", f"/v1/clients/{client.name}").body
         versions = sorted(v["version"] for v in history["versions"])
-        if versions != list(range(1, history["current_version"] + 1)):
-            raise SmokeError(f"{client.name}: versions {versions}, current {history}")
-        missing = set(client.acknowledged) - set(versions)
+        current = history["current_version"]
+        oldest = max(1, current - VERSIONS_KEPT + 1)
+        if versions != list(range(oldest, current + 1)):
+            raise SmokeError(f"{client.name}: versions {versions}, current {current}")
+        missing = {v for v in client.acknowledged if v >= oldest} - set(versions)
         if missing:
             raise SmokeError(f"{client.name}: acknowledged versions {sorted(missing)} are gone")
         stored[client.name] = {
@@ -421,10 +443,12 @@ def smoke(args: argparse.Namespace) -> None:
     stored = snapshot(api, clients)
     versions = sum(len(v) for v in stored.values())
     acknowledged = sum(len(client.acknowledged) for client in clients)
+    kept = sum(len(set(c.acknowledged) & set(stored[c.name])) for c in clients)
     log(
-        f"{versions} versions stored for {CLIENTS} clients, every one of the {acknowledged} "
-        f"acknowledged present, versions 1..N with no gap"
-        + (f" ({versions - acknowledged} unacknowledged)" if versions != acknowledged else "")
+        f"{acknowledged} versions acknowledged for {CLIENTS} clients; the newest "
+        f"{VERSIONS_KEPT} of each kept ({versions} stored), with no gap, all {kept} "
+        "acknowledged ones among them present"
+        + (f" ({versions - kept} unacknowledged)" if versions != kept else "")
     )
 
     log("== restart the stack: down (the volume kept), up")
