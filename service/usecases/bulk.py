@@ -15,7 +15,6 @@ transaction; a client may appear once per batch (a repeat is refused: ``duplicat
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -31,8 +30,9 @@ from service.requests import RawInput, RawTarget
 from service.store import repository
 from service.store.repository import VersionRef
 from service.store.tables import ClientVersion
+from service.usecases import predict
 from service.usecases.adapt import divergence, version_row
-from service.usecases.predict import Prediction, classify, meta_model_of
+from service.usecases.predict import Prediction, meta_model_of
 from service.usecases.runtime import Runtime, database_down, missing, storing
 
 
@@ -202,16 +202,16 @@ def _failed(error: FastAdaptError) -> Future[list[list[float]]]:
 
 def _answer(p: _Pending, outputs: list[list[float]], *, field: str) -> Prediction:
     """An item's outputs as ``usecases.predict.predict`` answers them."""
-    if not all(math.isfinite(v) for out in outputs for v in out):
-        raise InvalidInput(field, "the predictions are not finite for these inputs")
     row = p.row
-    if row.labels is not None:
-        labels = row.labels
-        predictions = [classify(out, labels, p.model.temperature) for out in outputs]
-        return Prediction(p.client_id, row.version, row.uid, predictions)
-    single = all(len(out) == 1 for out in outputs)
-    values = [out[0] for out in outputs] if single else outputs
-    return Prediction(p.client_id, row.version, row.uid, values)
+    return predict.answer(
+        outputs,
+        client_id=p.client_id,
+        version=row.version,
+        uid=row.uid,
+        labels=row.labels,
+        temperature=p.model.temperature,
+        field=field,
+    )
 
 
 # -- adaptations --------------------------------------------------------------------------------

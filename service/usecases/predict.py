@@ -84,15 +84,37 @@ def start(
 
 def finish(pending: Pending, outputs: list[list[float]]) -> Prediction:
     """The prediction from the engine's outputs (no database, no device: any thread)."""
+    return answer(
+        outputs,
+        client_id=pending.client_id,
+        version=pending.version,
+        uid=pending.uid,
+        labels=pending.labels,
+        temperature=pending.temperature,
+        field=pending.field,
+    )
+
+
+def answer(
+    outputs: list[list[float]],
+    *,
+    client_id: str,
+    version: int,
+    uid: str,
+    labels: list[Label] | None,
+    temperature: float,
+    field: str,
+) -> Prediction:
+    """A client version's outputs (Q, O) as the API answers them: labels with calibrated
+    probabilities for classification, one float per input for a single output."""
     if not all(math.isfinite(v) for out in outputs for v in out):
-        raise InvalidInput(pending.field, "the predictions are not finite for these inputs")
-    number, uid, labels = pending.version, pending.uid, pending.labels
+        raise InvalidInput(field, "the predictions are not finite for these inputs")
     if labels is not None:
-        predictions = [classify(out, labels, pending.temperature) for out in outputs]
-        return Prediction(pending.client_id, number, uid, predictions)
+        predictions = [classify(out, labels, temperature) for out in outputs]
+        return Prediction(client_id, version, uid, predictions)
     single = all(len(out) == 1 for out in outputs)
     flat = [out[0] for out in outputs] if single else outputs
-    return Prediction(pending.client_id, number, uid, flat)
+    return Prediction(client_id, version, uid, flat)
 
 
 async def outputs_of(runtime: Runtime, pending: Pending) -> list[list[float]]:
