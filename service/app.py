@@ -8,7 +8,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractContextManager as ContextManager
-from contextlib import asynccontextmanager, nullcontext
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import cast
@@ -22,7 +22,7 @@ from models import tasks
 from models.checkpoint import MetaModel, discover
 from service.api import bulk, docs, errors, jobs, keys, links, metrics, routes, stats, versions
 from service.api import meta_models as meta_model_routes
-from service.api.deps import get_principal, get_session
+from service.api.deps import get_principal, get_sessions
 from service.api.middleware import BodyLimit
 from service.api.observe import Observe
 from service.auth import Guard
@@ -30,6 +30,7 @@ from service.background import Reconciler
 from service.engine import Engine, configure_threads
 from service.settings import Settings
 from service.store.group_commit import GroupCommit
+from service.store.rowcache import RowCache
 from service.store.session import connect, session_factory
 from service.usecases import Runtime, meta_models
 from service.usecases.registry import ModelRegistry
@@ -80,11 +81,11 @@ def start_registry(
 
 def startup_sessions(app: FastAPI) -> Callable[[], ContextManager[Session]]:
     """Sessions for start-up work: those requests get (a test's own, when it overrides
-    ``get_session``, so that what start-up writes is rolled back with the test)."""
-    override = app.dependency_overrides.get(get_session)
+    ``get_sessions``, so that what start-up writes is rolled back with the test)."""
+    override = app.dependency_overrides.get(get_sessions)
     if override is None:
         return cast(Callable[[], ContextManager[Session]], app.state.sessions)
-    return lambda: nullcontext(override())
+    return cast(Callable[[], ContextManager[Session]], override())
 
 
 @asynccontextmanager
@@ -105,6 +106,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         commits=GroupCommit(keep=settings.versions_kept),
         registry=registry,
         settings=settings,
+        # off under a test's own session: its commits stay in its transaction
+        predictables=RowCache(None if get_sessions in app.dependency_overrides else database),
     )
     if app_metrics is not None:
         app_metrics.attach(app.state.runtime)
@@ -125,6 +128,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.stopping.set()
         reconciler.stop()  # before the engine: the client in hand finishes
         engine.stop(timeout=settings.shutdown_timeout_s)  # queued jobs finish, within bounds
+        app.state.runtime.predictables.close()
         database.dispose()
         gc.unfreeze()  # back to the collector (tests start many apps in one process)
 

@@ -11,14 +11,15 @@ the request (a key lookup that misses the cache is the one hop, into a worker th
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractContextManager
 from functools import partial
 from typing import Annotated, cast
 
 from anyio import to_thread
 from fastapi import Depends, Header, Path, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from service import usecases
 from service.auth import Guard, Principal, token_hash
@@ -40,11 +41,23 @@ async def get_runtime(request: Request) -> Runtime:
     return cast(Runtime, request.app.state.runtime)
 
 
-async def get_session(request: Request) -> AsyncIterator[Session]:
+Sessions = Callable[[], AbstractContextManager[Session]]  # ``with sessions() as session:``
+
+
+async def get_sessions(request: Request) -> Sessions:
+    """How a request opens sessions: the app's factory (a test overrides it with one that
+    answers the session of its own transaction). Routes that may need no session at all
+    (a prediction of a kept version) take this instead of ``SessionDep``: a generator
+    dependency costs its exit stack on every request."""
+    return cast(Sessions, request.app.state.sessions)
+
+
+async def get_session(
+    sessions: Annotated[Sessions, Depends(get_sessions)],
+) -> AsyncIterator[Session]:
     """A session for the request, closed after it (on the event loop: a session connects
     lazily, in the route's thread, and closing only hands its connection back to the
     pool, rolling back a read-only transaction at most)."""
-    sessions = cast(sessionmaker[Session], request.app.state.sessions)
     with sessions() as session:
         yield session
 
@@ -60,7 +73,7 @@ OPEN = Principal(tenant_id=DEFAULT_TENANT, scope="admin", key_id=None)  # no key
 
 async def get_principal(
     request: Request,
-    session: Annotated[Session, Depends(get_session)],
+    sessions: Annotated[Sessions, Depends(get_sessions)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
 ) -> Principal:
     """The caller: its key's tenant and scope (401 without a valid key, or with an invalid
@@ -78,14 +91,18 @@ async def get_principal(
         digest = token_hash(token)
         cached = guard.keys.get(digest)
         if cached is None:
-            lookup = partial(usecases.keys.authenticate, session=session, token=token)
-            cached = await to_thread.run_sync(lookup)
+            cached = await to_thread.run_sync(partial(_authenticate, sessions, token))
             guard.keys.put(digest, cached)
         principal = cached
     request.state.tenant_id = principal.tenant_id
     request.state.key_id = principal.key_id
     guard.limits.take(principal.tenant_id)
     return principal
+
+
+def _authenticate(sessions: Sessions, token: str) -> Principal:
+    with sessions() as session:
+        return usecases.keys.authenticate(session=session, token=token)
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
@@ -130,6 +147,7 @@ async def get_idempotency(
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 IdempotencyDep = Annotated[IdempotencyKey | None, Depends(get_idempotency)]
 SessionDep = Annotated[Session, Depends(get_session)]
+SessionsDep = Annotated[Sessions, Depends(get_sessions)]
 TenantDep = Annotated[str, Depends(get_tenant)]
 AdminDep = Annotated[Principal, Depends(require_admin)]
 ClientId = Annotated[str, Path(pattern=CLIENT_ID_PATTERN, description=CLIENT_ID_RULE)]

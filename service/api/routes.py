@@ -3,15 +3,22 @@ and the open probes (``health``). Each parses, calls one use case, returns a wir
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import partial
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from service import usecases
-from service.api.deps import ClientId, IdempotencyDep, RuntimeDep, SessionDep, TenantDep
+from service.api.deps import (
+    ClientId,
+    IdempotencyDep,
+    RuntimeDep,
+    SessionDep,
+    Sessions,
+    SessionsDep,
+    TenantDep,
+)
 from service.api.schemas import (
     MAX_VERSION,
     AdaptRequest,
@@ -25,6 +32,7 @@ from service.api.schemas import (
     Status,
 )
 from service.errors import Unavailable
+from service.requests import RawInput
 from service.usecases import Runtime
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -70,11 +78,43 @@ def replayed(created: usecases.idempotency.Created, response: Response) -> Any:
     return created.version
 
 
-async def predicted(runtime: Runtime, start: Callable[[], usecases.predict.Pending]) -> Response:
-    """A prediction, answered: ``start`` (the database read and the engine's submit) in a
-    worker thread, the engine's answer awaited on the event loop (no thread waits for it),
-    the body serialised once by pydantic, with the version's ETag."""
-    pending = await run_in_threadpool(start)
+async def predicted(
+    runtime: Runtime,
+    sessions: Sessions,
+    *,
+    tenant_id: str,
+    client_id: str,
+    inputs: Sequence[RawInput],
+    version: int | None,
+    field: str = "inputs",
+) -> Response:
+    """A prediction, answered: started on the event loop where it needs no database read
+    (a kept version, a small net), else in a worker thread (the database read and the
+    engine's submit); the engine's answer awaited on the event loop (no thread waits for
+    it), the body serialised once by pydantic, with the version's ETag."""
+    pending = usecases.predict.start_on_loop(
+        runtime=runtime,
+        tenant_id=tenant_id,
+        client_id=client_id,
+        inputs=inputs,
+        version=version,
+        field=field,
+    )
+    if pending is None:
+
+        def start() -> usecases.predict.Pending:
+            with sessions() as session:
+                return usecases.predict.start(
+                    session=session,
+                    runtime=runtime,
+                    tenant_id=tenant_id,
+                    client_id=client_id,
+                    inputs=inputs,
+                    version=version,
+                    field=field,
+                )
+
+        pending = await run_in_threadpool(start)
     outputs = await usecases.predict.outputs_of(runtime, pending)
     prediction = usecases.predict.finish(pending, outputs)
     body = PredictionResponse.model_validate(prediction).model_dump_json()
@@ -186,7 +226,7 @@ def readapt(
 async def predict_query(
     client_id: ClientId,
     x: Annotated[list[QueryNumber], Query(description="One value per 1-D input.")],
-    session: SessionDep,
+    sessions: SessionsDep,
     runtime: RuntimeDep,
     tenant_id: TenantDep,
     version: Annotated[
@@ -195,17 +235,15 @@ async def predict_query(
 ) -> Response:
     """Predictions of the current version, or of ``version``, for 1-D inputs:
     ``?x=0.5&x=1.25&version=2``."""
-    start = partial(
-        usecases.predict.start,
-        session=session,
-        runtime=runtime,
+    return await predicted(
+        runtime,
+        sessions,
         tenant_id=tenant_id,
         client_id=client_id,
         inputs=[[value] for value in x],
         version=version,
         field="x",
     )
-    return await predicted(runtime, start)
 
 
 @router.post(
@@ -217,21 +255,19 @@ async def predict_query(
 async def predict(
     client_id: ClientId,
     body: PredictionRequest,
-    session: SessionDep,
+    sessions: SessionsDep,
     runtime: RuntimeDep,
     tenant_id: TenantDep,
 ) -> Response:
     """Predictions of the current version, or of ``version``."""
-    start = partial(
-        usecases.predict.start,
-        session=session,
-        runtime=runtime,
+    return await predicted(
+        runtime,
+        sessions,
         tenant_id=tenant_id,
         client_id=client_id,
         inputs=body.inputs,
         version=body.version,
     )
-    return await predicted(runtime, start)
 
 
 @router.get("/v1/clients/{client_id}", tags=["clients"])

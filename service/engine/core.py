@@ -153,15 +153,18 @@ class Engine:
         self._put_many(queued)
         return futures
 
-    def submit_predict(self, job: PredictJob) -> Future[list[list[float]]]:
+    def submit_predict(self, job: PredictJob, on_loop: bool = False) -> Future[list[list[float]]]:
         """Outputs (Q, O) of client version ``job.key`` on ``job.inputs``.
 
         Without ``job.params``, a cache miss raises ``NotCached`` at once: read the stored
         params and submit ``miss.loaded(params)``, which the engine then caches.
         Params that do not fit the meta-model raise ``ValueError`` here. When the engine
-        is idle the prediction runs now, in this thread, and the future is done."""
+        is idle the prediction runs now, in this thread, and the future is done; with
+        ``on_loop`` (the caller is an event loop, which must not wait for the device) only
+        a small net's forward does (an MLP's, tens of microseconds), any other is queued."""
         runner, work = self._predict_work(job)
-        if not len(self.batcher) and self._started and not self.batcher.closed:
+        now = not on_loop or bool(work.fast.layers)
+        if now and not len(self.batcher) and self._started and not self.batcher.closed:
             done = self.worker.predict_now(runner, [work])
             if done is not None:
                 return done[0]

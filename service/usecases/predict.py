@@ -16,6 +16,7 @@ from service.engine import NotCached, PredictJob
 from service.errors import Conflict, InvalidInput, NotFound, Unavailable
 from service.requests import Label, RawInput
 from service.store import repository
+from service.store.repository import Predictable
 from service.usecases.runtime import WAIT_GRACE_S, Runtime, missing, storing
 
 
@@ -58,15 +59,13 @@ def start(
     version: int | None = None,
     field: str = "inputs",
 ) -> Pending:
-    """Read the version (one query), validate the inputs, submit to the engine: the part
-    of a prediction that reads the database (a worker thread's). The session is closed
-    before it returns, so no connection is held while the engine works."""
+    """Read the version (kept, or one query), validate the inputs, submit to the engine:
+    the part of a prediction that may read the database (a worker thread's). The session
+    is closed before it returns, so no connection is held while the engine works."""
     requests.prediction_size(inputs, runtime.settings, field)
-    row = repository.get_predictable(
-        session=session, tenant_id=tenant_id, client_id=client_id, version=version
+    row = predictable(
+        session=session, runtime=runtime, tenant_id=tenant_id, client_id=client_id, version=version
     )
-    if row is None:
-        raise missing(session=session, tenant_id=tenant_id, client_id=client_id, version=version)
     model = meta_model_of(session=session, runtime=runtime, sha=row.meta_model_version)
     x = requests.model_inputs(model, inputs, field=field, settings=runtime.settings)
     session.close()
@@ -80,6 +79,57 @@ def start(
             raise NotFound(f"unknown client {client_id!r}") from None
         future = runtime.engine.submit_predict(miss.loaded(params))
     return Pending(future, client_id, row.version, row.uid, row.labels, model.temperature, field)
+
+
+def start_on_loop(
+    *,
+    runtime: Runtime,
+    tenant_id: str,
+    client_id: str,
+    inputs: Sequence[RawInput],
+    version: int | None = None,
+    field: str = "inputs",
+) -> Pending | None:
+    """``start`` where it needs neither the database nor a thread, so an event loop may
+    run it: the version is kept (``Runtime.predictables``), its meta-model is loaded and
+    takes numbers (no image to decode), and the client's params are on the device. The
+    engine runs a small net's forward now when it is idle, else queues it. None: run
+    ``start`` in a worker thread instead."""
+    row = runtime.predictables.get((tenant_id, client_id, version))
+    if row is None:
+        return None
+    model = runtime.registry.in_memory(row.meta_model_version)
+    if model is None or len(model.config.input_shape) != 1:
+        return None
+    requests.prediction_size(inputs, runtime.settings, field)
+    x = requests.model_inputs(model, inputs, field=field, settings=runtime.settings)
+    job = PredictJob(model.version, (tenant_id, client_id, row.uid), x, model=model)
+    try:
+        future = runtime.engine.submit_predict(job, on_loop=True)
+    except NotCached:
+        return None
+    return Pending(future, client_id, row.version, row.uid, row.labels, model.temperature, field)
+
+
+def predictable(
+    *, session: Session, runtime: Runtime, tenant_id: str, client_id: str, version: int | None
+) -> Predictable:
+    """What a prediction reads of the version: kept while the database has not changed
+    (``Runtime.predictables``), else one query (then kept). ``NotFound`` if missing."""
+    key = (tenant_id, client_id, version)
+    cache = runtime.predictables
+    row = cache.get(key)
+    if row is not None:
+        return row
+    # a session already in a transaction may read a snapshot older than the counter's
+    generation = None if session.in_transaction() else cache.generation()
+    row = repository.get_predictable(
+        session=session, tenant_id=tenant_id, client_id=client_id, version=version
+    )
+    if row is None:
+        raise missing(session=session, tenant_id=tenant_id, client_id=client_id, version=version)
+    cache.put(key, row, generation)
+    return row
 
 
 def finish(pending: Pending, outputs: list[list[float]]) -> Prediction:

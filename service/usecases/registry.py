@@ -140,6 +140,11 @@ class ModelRegistry:
             entry = self._loaded.get(sha)
             return None if entry is None else entry[0]
 
+    def in_memory(self, sha: str) -> MetaModel | None:
+        """The version ``sha`` if it is loaded (a use, for the LRU), else None: never reads
+        the database."""
+        return self._hit(sha)
+
     def _hit(self, sha: str) -> MetaModel | None:
         with self._lock:
             entry = self._loaded.get(sha)

@@ -20,6 +20,8 @@ from service.errors import Conflict, NotFound, Unavailable
 from service.settings import Settings
 from service.store import repository
 from service.store.group_commit import GroupCommit
+from service.store.repository import Predictable
+from service.store.rowcache import RowCache
 from service.store.tables import DEFAULT_TENANT as DEFAULT_TENANT  # everyone's, without keys
 from service.usecases.registry import ModelRegistry
 
@@ -67,6 +69,11 @@ class Runtime:
     registry: ModelRegistry  # meta-model versions: promoted by name, loaded by sha
     settings: Settings
     in_flight: InFlight = field(default_factory=InFlight)  # idempotency keys being served
+    # (tenant, client, version or None: the current one) -> what a prediction reads of it,
+    # kept until the database changes (SQLite; off elsewhere: every prediction queries)
+    predictables: RowCache[tuple[str, str, int | None], Predictable] = field(
+        default_factory=lambda: RowCache(None)
+    )
 
     def wait(self, future: Future[T]) -> T:
         """The engine's answer, or ``Unavailable`` once it is overdue."""

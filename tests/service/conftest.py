@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from models import nets
 from models.checkpoint import ArtifactConfig, MetaModel
 from models.maml import InnerLoopConfig, Learner, mse_loss
 from models.params import from_bytes
-from service.api.deps import get_session
+from service.api.deps import get_sessions
 from service.app import create_app
 from service.settings import Settings
 from service.store import migrate
@@ -154,7 +154,7 @@ def make_api(
             }
             settings = Settings(**{**values, **overrides})
             app = create_app(settings)
-            app.dependency_overrides[get_session] = lambda: session
+            app.dependency_overrides[get_sessions] = lambda: lambda: nullcontext(session)
             return stack.enter_context(TestClient(app))
 
         yield make

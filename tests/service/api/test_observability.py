@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.orm import Session
 
 from service import usecases
-from service.api.deps import get_session, get_tenant
+from service.api.deps import get_sessions, get_tenant
 from service.app import create_app
 from service.errors import Unavailable
 from service.settings import Settings
@@ -185,7 +186,7 @@ def own_app(
     def build(**overrides: Any) -> FastAPI:
         values: dict[str, Any] = {"models_dir": models_dir, "database_url": database_url}
         app = create_app(Settings(data_dir=tmp_path, threads=1, **values, **overrides))
-        app.dependency_overrides[get_session] = lambda: session
+        app.dependency_overrides[get_sessions] = lambda: lambda: nullcontext(session)
         return app
 
     return build
