@@ -103,6 +103,21 @@ def append_versions(
             connection.execute(_prune_versions(), floors)
 
 
+def prune_versions(*, session: Session, tenant_id: str, client_id: str, keep: int | None) -> None:
+    """Delete the client's versions beyond its newest ``keep`` (None: keep all), as
+    ``append_versions`` does, for a version appended otherwise (``jobs.append_if_current``)."""
+    if keep is None:
+        return
+    if keep < 1:
+        raise ValueError("keep must be >= 1")
+    current = select(Client.current_version).where(
+        Client.tenant_id == tenant_id, Client.client_id == client_id
+    )
+    newest = session.scalars(current).one_or_none()
+    if newest is not None and newest > keep:
+        session.execute(_prune_versions(), [{"t": tenant_id, "c": client_id, "v": newest - keep}])
+
+
 @cache
 def _lock_clients(dialect: str) -> Insert:
     table = _table(Client)

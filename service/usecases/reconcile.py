@@ -245,6 +245,12 @@ def run(*, session: Session, runtime: Runtime, worker: str, claim: Claim) -> str
         )
         reason = "the client was adapted again meanwhile" if exists else "the client was deleted"
         return _record(session, worker, claim, "skipped", reason)
+    repository.prune_versions(  # retention, as every other new version is pruned
+        session=session,
+        tenant_id=claim.tenant_id,
+        client_id=claim.client_id,
+        keep=runtime.commits.keep,
+    )
     session.commit()
     session.expunge(row)
     runtime.engine.stored(adapted, (claim.tenant_id, claim.client_id, row.uid))

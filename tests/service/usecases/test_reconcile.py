@@ -210,6 +210,20 @@ def test_a_failing_client_keeps_its_version_and_is_listed(
     assert len(versions(sessions, "big")) == 1
 
 
+def test_a_re_adaptation_keeps_the_newest_versions_only(
+    sessions: sessionmaker[Session], make_runtime: RuntimeFactory, dirs: tuple[Path, Path]
+) -> None:
+    """Retention (``FASTADAPT_VERSIONS_KEPT``) holds for a reconcile's version too."""
+    old, new = make_runtime(dirs[0]), make_runtime(dirs[1])
+    new = dataclasses.replace(new, commits=GroupCommit(keep=2))
+    adapt_clients(sessions, old, ["kept", "kept"])  # versions 1 and 2
+    with sessions() as session:
+        reconcile.start(session=session, registry=new.registry, tenant_id=T, meta_model="sinusoid")
+        (item,) = reconcile.claim(session=session, worker="A", lease_s=60, limit=4)
+        assert reconcile.run(session=session, runtime=new, worker="A", claim=item) == "done"
+    assert [v for v, _ in versions(sessions, "kept")] == [2, 3]
+
+
 def test_cancel_stops_claims(
     sessions: sessionmaker[Session], make_runtime: RuntimeFactory, dirs: tuple[Path, Path]
 ) -> None:
