@@ -92,14 +92,17 @@ async def predicted(
     (a kept version, a small net), else in a worker thread (the database read and the
     engine's submit); the engine's answer awaited on the event loop (no thread waits for
     it), the body serialised once by pydantic, with the version's ETag."""
-    pending = usecases.predict.start_on_loop(
-        runtime=runtime,
-        tenant_id=tenant_id,
-        client_id=client_id,
-        inputs=inputs,
-        version=version,
-        field=field,
-    )
+    fresh = await runtime.predictables.fresh()  # a kept version may answer
+    pending = None
+    if fresh:
+        pending = usecases.predict.start_on_loop(
+            runtime=runtime,
+            tenant_id=tenant_id,
+            client_id=client_id,
+            inputs=inputs,
+            version=version,
+            field=field,
+        )
     if pending is None:
 
         def start() -> usecases.predict.Pending:
@@ -112,6 +115,7 @@ async def predicted(
                     inputs=inputs,
                     version=version,
                     field=field,
+                    fresh=fresh,
                 )
 
         pending = await run_in_threadpool(start)

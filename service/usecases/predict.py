@@ -58,13 +58,21 @@ def start(
     inputs: Sequence[RawInput],
     version: int | None = None,
     field: str = "inputs",
+    fresh: bool = False,
 ) -> Pending:
     """Read the version (kept, or one query), validate the inputs, submit to the engine:
     the part of a prediction that may read the database (a worker thread's). The session
-    is closed before it returns, so no connection is held while the engine works."""
+    is closed before it returns, so no connection is held while the engine works.
+    ``fresh``: the caller awaited ``runtime.predictables.fresh()``, so a kept version may
+    answer."""
     requests.prediction_size(inputs, runtime.settings, field)
     row = predictable(
-        session=session, runtime=runtime, tenant_id=tenant_id, client_id=client_id, version=version
+        session=session,
+        runtime=runtime,
+        tenant_id=tenant_id,
+        client_id=client_id,
+        version=version,
+        fresh=fresh,
     )
     model = meta_model_of(session=session, runtime=runtime, sha=row.meta_model_version)
     x = requests.model_inputs(model, inputs, field=field, settings=runtime.settings)
@@ -91,7 +99,8 @@ def start_on_loop(
     field: str = "inputs",
 ) -> Pending | None:
     """``start`` where it needs neither the database nor a thread, so an event loop may
-    run it: the version is kept (``Runtime.predictables``), its meta-model is loaded and
+    run it (after awaiting ``runtime.predictables.fresh()``, which answered True): the
+    version is kept (``Runtime.predictables``), its meta-model is loaded and
     takes numbers (no image to decode), and the client's params are on the device. The
     engine runs a small net's forward now when it is idle, else queues it. None: run
     ``start`` in a worker thread instead."""
@@ -112,13 +121,20 @@ def start_on_loop(
 
 
 def predictable(
-    *, session: Session, runtime: Runtime, tenant_id: str, client_id: str, version: int | None
+    *,
+    session: Session,
+    runtime: Runtime,
+    tenant_id: str,
+    client_id: str,
+    version: int | None,
+    fresh: bool = False,
 ) -> Predictable:
     """What a prediction reads of the version: kept while the database has not changed
-    (``Runtime.predictables``), else one query (then kept). ``NotFound`` if missing."""
+    (``Runtime.predictables``; only if ``fresh``, see ``start``), else one query (then
+    kept). ``NotFound`` if missing."""
     key = (tenant_id, client_id, version)
     cache = runtime.predictables
-    row = cache.get(key)
+    row = cache.get(key) if fresh else None
     if row is not None:
         return row
     # a session already in a transaction may read a snapshot older than the counter's
