@@ -205,7 +205,8 @@ def get_predictable(
 ) -> Predictable | None:
     """The current version (or ``version``) as a prediction needs it: one query of four
     columns, read as plain rows (no ORM objects), the hot path of every prediction.
-    Never cached: each read sees the newest commit of any replica."""
+    It sees the newest commit of any replica; ``usecases.predict`` keeps what it reads
+    only until the database changes (``store.rowcache``)."""
     stmt = select(*PREDICTABLE).where(
         ClientVersion.tenant_id == tenant_id, ClientVersion.client_id == client_id
     )
