@@ -7,9 +7,10 @@ all) fails it whole. Each item is validated exactly as its single-client request
 errors naming the item's field (``requests[3].inputs[0]``, ``adaptations[1].support``).
 
 Both read the database once for all their items (one query for every item's version; one
-more for the parameters the engine has not cached), submit every item's job before
-waiting on any (the engine's batcher groups the queued jobs), and hold no connection
-while the engine works. Adaptations store every successful item's version in one
+more for the parameters the engine has not cached) and hold no connection while the
+engine works. Predictions submit every item in one engine call (``submit_predict_many``:
+one gathered forward over the clients' stacked parameters); adaptations submit every
+item before waiting on any (the engine's batcher groups the queued jobs). Adaptations store every successful item's version in one
 transaction; a client may appear once per batch (a repeat is refused: ``duplicate``).
 """
 
@@ -171,27 +172,35 @@ def _validated(
 def _submit_all(
     *, session: Session, runtime: Runtime, tenant_id: str, pending: list[_Pending]
 ) -> None:
-    """Submit every job; the cache's misses are read from the store in one query and
-    submitted with their params."""
-    for p in pending:
-        try:
-            p.future = runtime.engine.submit_predict(p.job)
-        except NotCached as miss:
-            p.miss = miss
-    misses = [p for p in pending if p.miss is not None]
+    """Submit every job in one engine call (one gathered forward per meta-model when the
+    engine is idle, else one queue operation); the cache's misses are then read from the
+    store in one query and submitted together with their params."""
+    futures = runtime.engine.submit_predict_many([p.job for p in pending])
+    misses: list[_Pending] = []
+    for p, future in zip(pending, futures, strict=True):
+        refused = future.exception() if future.done() else None
+        if isinstance(refused, NotCached):
+            p.miss = refused
+            misses.append(p)
+        else:
+            p.future = future
     if not misses:
         return
     params = repository.params_of(
         session=session, tenant_id=tenant_id, uids=[p.row.uid for p in misses]
     )
     session.close()
+    loaded: list[tuple[_Pending, PredictJob]] = []
     for p in misses:
         assert p.miss is not None
         stored = params.get(p.row.uid)
         if stored is None:  # deleted since the versions were read
             p.future = _failed(NotFound(f"unknown client {p.client_id!r}"))
         else:
-            p.future = runtime.engine.submit_predict(p.miss.loaded(stored))
+            loaded.append((p, p.miss.loaded(stored)))
+    again = runtime.engine.submit_predict_many([job for _, job in loaded])
+    for (p, _), future in zip(loaded, again, strict=True):
+        p.future = future
 
 
 def _failed(error: FastAdaptError) -> Future[list[list[float]]]:
