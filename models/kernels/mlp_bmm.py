@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -317,6 +318,24 @@ class MLPKernel:
             h = F.linear(h, fast[2 * i], fast[2 * i + 1])  # (Q, out)
             if layer.hidden:
                 h = h.relu_()
+        return h
+
+    @property
+    def plain(self) -> bool:
+        """Every layer adapted and nothing before them: ``predict_numpy`` may serve."""
+        return self.learner.inner.adapt != "head" and not self.prefix
+
+    def predict_numpy(self, fast: Sequence[np.ndarray], x: np.ndarray) -> np.ndarray:
+        """``predict_one`` of a ``plain`` net in NumPy: x (Q, in) -> (Q, O). A NumPy
+        operation on tiny arrays costs about a microsecond, a torch one several, and a
+        small net's forward is a handful of them (the engine uses it for small nets on
+        the CPU; tested equal to ``predict_one``)."""
+        h = x
+        for i, layer in enumerate(self.layers):
+            h = h @ fast[2 * i].T  # (Q, out)
+            h += fast[2 * i + 1]
+            if layer.hidden:
+                np.maximum(h, 0.0, out=h)
         return h
 
     def predict(self, frozen: Params, fast: Params, x: Tensor) -> Tensor:

@@ -20,6 +20,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 from torch import Tensor
 
 from service.engine.jobs import Key
@@ -34,6 +35,7 @@ class FastParams(NamedTuple):
 
     flat: Tensor  # (P,) every fast entry, flattened in the BytesPacker's order
     layers: tuple[Tensor, ...] = ()  # views of ``flat`` for a one-client forward, or ()
+    arrays: tuple[np.ndarray, ...] = ()  # the same as NumPy views (a small net's, on the CPU)
 
 
 @dataclass(frozen=True)

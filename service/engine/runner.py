@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -26,6 +27,9 @@ from service.engine.cache import FastParams
 from service.engine.jobs import Adapted, AdaptJob, Inputs, Key
 
 GATHER_BUFFER_BYTES = 64 << 20  # most a runner keeps to stack predictions' params into
+# fast params up to this many predict one client in NumPy on the CPU: past it, the matrix
+# products dominate and NumPy's BLAS may start threads of its own beside torch's
+NUMPY_MAX = 16_384
 
 
 class AdaptWork(NamedTuple):  # a tuple: built per adaptation, cheaper than a dataclass
@@ -70,6 +74,15 @@ class ModelRunner:
         if kernel is not None and set(order) == set(kernel.names()):
             self.one = [order[name] for name in kernel.names()]
         self.kernel = kernel  # the bmm path's (None: vmap), for predict_one
+        # a small plain MLP on the CPU predicts one client in NumPy (predict_numpy)
+        self.numpy = (
+            self.one is not None
+            and kernel is not None
+            and kernel.plain
+            and self.on_cpu
+            and len(self.input_shape) == 1
+            and sum(math.prod(self.packer.shapes[n]) for n in self.packer.order) <= NUMPY_MAX
+        )
         self.frozen = self.batched.frozen
         self.sizes = [math.prod(self.packer.shapes[n]) for n in self.packer.order]
         self.shapes = [self.packer.shapes[n] for n in self.packer.order]
@@ -81,7 +94,10 @@ class ModelRunner:
         entries = [
             t.view(shape) for t, shape in zip(flat.split(self.sizes), self.shapes, strict=True)
         ]
-        return FastParams(flat, tuple(entries[i] for i in self.one))
+        layers = tuple(entries[i] for i in self.one)
+        if not self.numpy:
+            return FastParams(flat, layers)
+        return FastParams(flat, layers, tuple(t.numpy() for t in layers))
 
     def fast_params(self, blob: bytes) -> Tensor:
         """Stored safetensors -> the flat (P,) params the cache holds, on the CPU; checked
@@ -142,8 +158,16 @@ class ModelRunner:
         ]
 
     def predict_one(self, work: PredictWork) -> list[list[float]]:
-        """One client whose params have their layout (``view``): plain linear calls."""
+        """One client whose params have their layout (``view``): plain linear calls, or
+        NumPy's for a small net on the CPU."""
         x = work.inputs
+        if work.fast.arrays and not isinstance(x, Tensor):
+            assert self.kernel is not None
+            rows = np.asarray(x, dtype=np.float32)  # (Q, D)
+            numpy_out: list[list[float]] = self.kernel.predict_numpy(
+                work.fast.arrays, rows
+            ).tolist()
+            return numpy_out
         if not isinstance(x, Tensor):
             x = torch.tensor(x, dtype=torch.float32)  # (Q, D)
         if len(self.input_shape) > 1:

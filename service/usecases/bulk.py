@@ -10,8 +10,9 @@ Both read the database once for all their items (one query for every item's vers
 more for the parameters the engine has not cached) and hold no connection while the
 engine works. Predictions submit every item in one engine call (``submit_predict_many``:
 one gathered forward over the clients' stacked parameters); adaptations submit every
-item before waiting on any (the engine's batcher groups the queued jobs). Adaptations store every successful item's version in one
-transaction; a client may appear once per batch (a repeat is refused: ``duplicate``).
+item before waiting on any (the engine's batcher groups the queued jobs), and store every
+successful item's version in one transaction; a client may appear once per batch (a
+repeat is refused: ``duplicate``).
 """
 
 from __future__ import annotations

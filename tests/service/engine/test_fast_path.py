@@ -12,6 +12,7 @@ import torch
 from models.checkpoint import MetaModel
 from models.params import from_bytes
 from service.engine import AdaptJob, Engine, PredictJob
+from service.engine.runner import ModelRunner, PredictWork
 from tests.service.engine.helpers import predict
 from tests.service.engine.test_engine_core import make_engine, support
 
@@ -61,3 +62,22 @@ def test_a_busy_engine_queues_the_prediction(engine: Engine) -> None:
     release.set()
     running.result(timeout=60)
     queued.result(timeout=60)
+
+
+@pytest.mark.parametrize("name", ["sinusoid", "classes"])
+def test_a_small_mlp_predicts_one_client_in_numpy_as_torch_does(
+    name: str, meta_models: dict[str, MetaModel]
+) -> None:
+    """A small plain MLP on the CPU predicts one client in NumPy (a few microseconds,
+    where torch's calls cost several each): the same outputs as its torch forward."""
+    runner = ModelRunner(meta_models[name], torch.device("cpu"))
+    assert runner.numpy
+    flat = torch.randn(sum(runner.sizes), generator=torch.Generator().manual_seed(3)) * 0.5
+    fast = runner.view(flat)
+    width = runner.input_shape[0]
+    rows = [[0.25 * (i + j) - 2.0 for j in range(width)] for i in range(7)]  # (Q, D)
+    work = PredictWork(rows, fast, ("t", "c", "u"), None)
+    in_numpy = runner.predict_one(work)
+    in_torch = runner.predict_one(work._replace(fast=fast._replace(arrays=())))
+    torch.testing.assert_close(torch.tensor(in_numpy), torch.tensor(in_torch), rtol=1e-6, atol=1e-6)
+    assert not ModelRunner(meta_models["images"], torch.device("cpu")).numpy  # a conv body
