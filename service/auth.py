@@ -9,6 +9,7 @@ no FastAPI, no SQLAlchemy.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import ipaddress
 import math
@@ -146,6 +147,8 @@ class Guard:
     def __init__(self, settings: Settings, clock: Clock = time.monotonic) -> None:
         self.required = settings.auth_required
         self.keys = KeyCache(settings.auth_cache_s, clock=clock)
+        # key digest -> the lookup in progress, which the requests that miss share
+        self.lookups: dict[str, asyncio.Future[Principal]] = {}
         self.limits = TokenBuckets(settings.rate_limit_rps, settings.rate_limit_burst, clock)
 
     def required_for(self, server: tuple[str, int | None] | None) -> bool:

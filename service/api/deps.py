@@ -11,6 +11,7 @@ the request (a key lookup that misses the cache is the one hop, into a worker th
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractContextManager
 from functools import partial
@@ -87,16 +88,32 @@ async def get_principal(
             raise Unauthorized("missing API key: send Authorization: Bearer <key>")
         principal = OPEN
     else:  # a key, when sent, is checked even where keys are optional
-        token = credentials.credentials
-        digest = token_hash(token)
-        cached = guard.keys.get(digest)
-        if cached is None:
-            cached = await to_thread.run_sync(partial(_authenticate, sessions, token))
-            guard.keys.put(digest, cached)
-        principal = cached
+        principal = await _principal_of(guard, sessions, credentials.credentials)
     request.state.tenant_id = principal.tenant_id
     request.state.key_id = principal.key_id
     guard.limits.take(principal.tenant_id)
+    return principal
+
+
+async def _principal_of(guard: Guard, sessions: Sessions, token: str) -> Principal:
+    """The key's principal: trusted from the cache, else looked up once for every request
+    that misses it meanwhile (when a busy key's entry expires, its concurrent requests
+    would otherwise each read the database in a thread of their own)."""
+    digest = token_hash(token)
+    cached = guard.keys.get(digest)
+    if cached is not None:
+        return cached
+    lookup = guard.lookups.get(digest)
+    if lookup is None:
+        lookup = asyncio.ensure_future(_look_up(guard, sessions, token, digest))
+        guard.lookups[digest] = lookup
+        lookup.add_done_callback(lambda _: guard.lookups.pop(digest, None))
+    return await asyncio.shield(lookup)  # a caller that goes away leaves it to the others
+
+
+async def _look_up(guard: Guard, sessions: Sessions, token: str, digest: str) -> Principal:
+    principal = await to_thread.run_sync(partial(_authenticate, sessions, token))
+    guard.keys.put(digest, principal)
     return principal
 
 

@@ -4,7 +4,9 @@ client ids scoped to the tenant, the keys routes, and keys kept out of the logs.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -12,7 +14,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
 from service import usecases
-from service.auth import new_token
+from service.auth import Principal, new_token
 
 XS = [[-4.0], [-2.5], [-1.0], [0.0], [1.5], [3.0]]
 YS = [0.7, -0.5, -1.6, -0.9, 1.2, 0.3]
@@ -241,6 +243,29 @@ def test_a_trusted_key_is_rechecked_after_auth_cache_s(
     assert api.get("/v1/meta-models", headers=headers).status_code == 200  # still trusted
     now[0] += 0.2
     assert_unauthorized(api.get("/v1/meta-models", headers=headers))
+
+
+def test_requests_that_miss_the_key_cache_together_share_one_lookup(
+    make_api: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When a busy key's cache entry expires, its concurrent requests wait for one
+    database lookup instead of each making their own."""
+    api = make_api(auth="required", auth_cache_s=2.0)
+    looked_up: list[str] = []
+
+    def slow_lookup(*, session: Session, token: str) -> Principal:
+        looked_up.append(token)
+        time.sleep(0.3)  # long enough for every request to arrive meanwhile
+        return Principal(tenant_id="acme", scope="client", key_id="k1")
+
+    monkeypatch.setattr(usecases.keys, "authenticate", slow_lookup)
+    headers = {"Authorization": f"Bearer {new_token()}"}
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(
+            pool.map(lambda _: api.get("/v1/meta-models", headers=headers).status_code, range(8))
+        )
+    assert statuses == [200] * 8
+    assert len(looked_up) == 1
 
 
 def test_openapi_declares_the_bearer_scheme_on_v1_and_metrics_only(secure_api: TestClient) -> None:
