@@ -12,13 +12,14 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import make_url
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from service.auth import SCOPES
 from service.errors import FastAdaptError
@@ -168,84 +169,52 @@ def migrate() -> int:
 
 def keys(parsed: argparse.Namespace) -> int:
     """``fastadapt keys create|list|revoke`` on the configured database."""
-    settings = Settings()
-    problem = _prepare_schema(settings)
-    if problem:
-        print(f"fastadapt: {problem}", file=sys.stderr)
-        return 2
     from service.usecases import keys as usecase  # (imports the engine, hence torch)
 
-    database = connect(settings.database_url)
-    try:
-        with session_factory(database)() as session:
-            if parsed.action == "create":
-                created = usecase.create(
-                    session=session, tenant_id=parsed.tenant, scope=parsed.scope
-                )
-                key = created.key
-                print(f"created key {key.id} of tenant {key.tenant_id}, scope {key.scope}")
-                print("store it now: it is shown only this once")
-                print(created.token)
-            elif parsed.action == "list":
-                _print_keys(usecase.list_all(session=session, tenant_id=parsed.tenant))
-            else:
-                key = usecase.revoke(session=session, key_id=parsed.id)
-                print(f"revoked key {key.id} of tenant {key.tenant_id}")
-    except FastAdaptError as exc:
-        print(f"fastadapt: {exc.message}", file=sys.stderr)
-        return 1
-    except SQLAlchemyError as exc:
-        print(f"fastadapt: cannot use {_shown(settings)}: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        database.dispose()
-    return 0
+    def work(session: Session) -> None:
+        if parsed.action == "create":
+            created = usecase.create(session=session, tenant_id=parsed.tenant, scope=parsed.scope)
+            key = created.key
+            print(f"created key {key.id} of tenant {key.tenant_id}, scope {key.scope}")
+            print("store it now: it is shown only this once")
+            print(created.token)
+        elif parsed.action == "list":
+            _print_keys(usecase.list_all(session=session, tenant_id=parsed.tenant))
+        else:
+            key = usecase.revoke(session=session, key_id=parsed.id)
+            print(f"revoked key {key.id} of tenant {key.tenant_id}")
+
+    return _on_database(Settings(), work)
 
 
 def reconcile(parsed: argparse.Namespace, poll_s: float = 1.0) -> int:
     """``fastadapt reconcile NAME --tenant T [--wait]``: start a reconcile job (the servers
     run it; ``--wait`` prints its progress until it is done or cancelled)."""
-    settings = Settings()
-    problem = _prepare_schema(settings)
-    if problem:
-        print(f"fastadapt: {problem}", file=sys.stderr)
-        return 2
     from service.usecases import meta_models
     from service.usecases import reconcile as usecase
     from service.usecases.registry import ModelRegistry
 
+    settings = Settings()
     registry = ModelRegistry(settings)  # registers what this install ships, as serve does
     registry.pending = functools.partial(
         meta_models.register_shipped, registry=registry, directory=settings.models_dir
     )
 
-    database = connect(settings.database_url)
-    try:
-        with session_factory(database)() as session:
-            status = usecase.start(
-                session=session,
-                registry=registry,
-                tenant_id=parsed.tenant,
-                meta_model=parsed.name,
-            )
-            job = status.job
-            print(f"job {job.id}: {job.total} clients of {job.meta_model} onto {job.target[:12]}")
-            while parsed.wait:
-                _print_job(status)
-                if status.job.state in ("done", "cancelled"):
-                    break
-                time.sleep(poll_s)
-                session.expire_all()
-                status = usecase.get(session=session, tenant_id=parsed.tenant, job_id=job.id)
-    except FastAdaptError as exc:
-        print(f"fastadapt: {exc.message}", file=sys.stderr)
-        return 1
-    except SQLAlchemyError as exc:
-        print(f"fastadapt: cannot use {_shown(settings)}: {type(exc).__name__}", file=sys.stderr)
-        return 2
-    finally:
-        database.dispose()
-    return 0
+    def work(session: Session) -> None:
+        status = usecase.start(
+            session=session, registry=registry, tenant_id=parsed.tenant, meta_model=parsed.name
+        )
+        job = status.job
+        print(f"job {job.id}: {job.total} clients of {job.meta_model} onto {job.target[:12]}")
+        while parsed.wait:
+            _print_job(status)
+            if status.job.state in ("done", "cancelled"):
+                break
+            time.sleep(poll_s)
+            session.expire_all()
+            status = usecase.get(session=session, tenant_id=parsed.tenant, job_id=job.id)
+
+    return _on_database(settings, work)
 
 
 def _print_job(status: JobStatus) -> None:
@@ -299,58 +268,47 @@ def _meta_models_parser(commands: Any) -> None:
 
 def meta_models(parsed: argparse.Namespace) -> int:
     """``fastadapt meta-models register|promote|list`` on the configured database."""
-    settings = Settings()
-    problem = _prepare_schema(settings)
-    if problem:
-        print(f"fastadapt: {problem}", file=sys.stderr)
-        return 2
     from models.checkpoint import MetaModel  # (imports torch)
     from service.usecases import meta_models as usecase
     from service.usecases.registry import ModelRegistry
 
+    settings = Settings()
     registry = ModelRegistry(settings)
-    database = connect(settings.database_url)
-    try:
-        with session_factory(database)() as session:
-            if parsed.action == "register":
-                path = Path(parsed.path).resolve()
-                try:
-                    model = MetaModel.load(path)
-                except (OSError, ValueError, TypeError, KeyError) as exc:
-                    print(f"fastadapt: cannot load {path}: {exc}", file=sys.stderr)
-                    return 1
-                if parsed.name and parsed.name != model.name:
-                    config = dataclasses.replace(model.config, name=parsed.name)
-                    model = MetaModel(config, model.params, model.lrs, model.version)
-                done = usecase.register(
-                    session=session,
-                    registry=registry,
-                    model=model,
-                    source=f"cli:{path}",
-                    promote=parsed.promote,
-                )
-                info = done.version
-                state = "registered" if done.added else "already registered"
-                promoted = ", promoted" if info.promoted else ""
-                print(f"{state} meta-model {info.name} version{promoted}:")
-                print(info.sha)
-            elif parsed.action == "promote":
-                info = usecase.promote(
-                    session=session, registry=registry, name=parsed.name, version=parsed.sha
-                )
-                print(f"promoted meta-model {info.name} version {info.sha}")
-            else:
-                rows = usecase.summary(usecase.versions(session=session, name=parsed.name))
-                _print_table(("name", "sha256", "bytes", "source", "registered", ""), rows)
-    except FastAdaptError as exc:
-        print(f"fastadapt: {exc.message}", file=sys.stderr)
-        return 1
-    except SQLAlchemyError as exc:
-        print(f"fastadapt: cannot use {_shown(settings)}: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        database.dispose()
-    return 0
+
+    def work(session: Session) -> int | None:
+        if parsed.action == "register":
+            path = Path(parsed.path).resolve()
+            try:
+                model = MetaModel.load(path)
+            except (OSError, ValueError, TypeError, KeyError) as exc:
+                print(f"fastadapt: cannot load {path}: {exc}", file=sys.stderr)
+                return 1
+            if parsed.name and parsed.name != model.name:
+                config = dataclasses.replace(model.config, name=parsed.name)
+                model = MetaModel(config, model.params, model.lrs, model.version)
+            done = usecase.register(
+                session=session,
+                registry=registry,
+                model=model,
+                source=f"cli:{path}",
+                promote=parsed.promote,
+            )
+            info = done.version
+            state = "registered" if done.added else "already registered"
+            promoted = ", promoted" if info.promoted else ""
+            print(f"{state} meta-model {info.name} version{promoted}:")
+            print(info.sha)
+        elif parsed.action == "promote":
+            info = usecase.promote(
+                session=session, registry=registry, name=parsed.name, version=parsed.sha
+            )
+            print(f"promoted meta-model {info.name} version {info.sha}")
+        else:
+            rows = usecase.summary(usecase.versions(session=session, name=parsed.name))
+            _print_table(("name", "sha256", "bytes", "source", "registered", ""), rows)
+        return None
+
+    return _on_database(settings, work)
 
 
 def _print_table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
@@ -376,6 +334,30 @@ def _prepare_schema(settings: Settings) -> str | None:
             f"{want}: run `fastadapt migrate` first"
         )
     return None
+
+
+def _on_database(settings: Settings, work: Callable[[Session], int | None]) -> int:
+    """Run a command's ``work`` on one session of the configured database (its schema
+    prepared first): its exit status (0 when it returns None), 1 for a domain error with
+    its message, 2 when the database cannot be used, naming the database and the error's
+    type only (SQLAlchemy's text quotes statements and their parameters: keys' hashes,
+    support sets)."""
+    problem = _prepare_schema(settings)
+    if problem:
+        print(f"fastadapt: {problem}", file=sys.stderr)
+        return 2
+    database = connect(settings.database_url)
+    try:
+        with session_factory(database)() as session:
+            return work(session) or 0
+    except FastAdaptError as exc:
+        print(f"fastadapt: {exc.message}", file=sys.stderr)
+        return 1
+    except SQLAlchemyError as exc:
+        print(f"fastadapt: cannot use {_shown(settings)}: {type(exc).__name__}", file=sys.stderr)
+        return 2
+    finally:
+        database.dispose()
 
 
 def _shown(settings: Settings) -> str:
