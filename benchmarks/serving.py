@@ -42,6 +42,7 @@ class Server:
     data_dir: Path  # its SQLite database lives here unless a URL was given
     key: str | None = None  # an API key of the server's tenant, when it was given one
     engine: bool = True  # False: the ceiling app (benchmarks/ceiling.py), no engine stats
+    pid: int | None = None  # the server process's (to profile it)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -93,7 +94,7 @@ def server(
         url = f"http://127.0.0.1:{port}"
         try:
             _wait_ready(url, proc, log)
-            yield Server(url, Path(data), key)
+            yield Server(url, Path(data), key, pid=proc.pid)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
