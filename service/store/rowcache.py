@@ -15,7 +15,7 @@ process) and then predicts reads its new version, as it would with a query. The 
   and a commit signals the listeners before it is acknowledged, so the counter then
   includes every commit a caller could have seen acknowledged. One round trip serves
   every read that waits for it. While the connection is down (and until it listens
-  again) the cache is off.
+  again), or a round trip is overdue by ``STALL_S``, reads query instead of waiting.
 - Elsewhere (in-memory SQLite, a test's own transaction): off; every read queries.
 """
 
@@ -26,11 +26,13 @@ import contextlib
 import logging
 import sqlite3
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Hashable
 from typing import Generic, Protocol, TypeVar
 
 import psycopg
+from psycopg.conninfo import make_conninfo
 from sqlalchemy import Engine
 
 K = TypeVar("K", bound=Hashable)
@@ -39,6 +41,15 @@ MAX_ROWS = 65_536  # a row is a few hundred bytes: at most some tens of MB
 CHANNEL = "fastadapt_changes"  # migration 0009's triggers notify it
 RECONNECT_S = 1.0  # the listening connection's retry interval, while it is down
 IDLE_ROUND_TRIP_S = 5.0  # a round trip this often when no read waits: drains the queue
+# a round trip overdue by this much: the connection is stuck (reads query meanwhile, and
+# the keepalives below close a dead one within about 10 s)
+STALL_S = 1.0
+KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 2,
+}
 log = logging.getLogger(__name__)
 Waiting = list[tuple[asyncio.AbstractEventLoop, "asyncio.Future[bool]"]]  # reads awaiting fresh()
 
@@ -165,11 +176,12 @@ class PostgresCounter:
     which also runs the round trips ``fresh`` awaits (one for all who wait meanwhile)."""
 
     def __init__(self, conninfo: str) -> None:
-        self._conninfo = conninfo
+        self._conninfo = make_conninfo(conninfo, **KEEPALIVES)
         self._cond = threading.Condition()
         self._count = 0  # notifications seen, plus one per (re)connection
         self._listening = False
         self._closed = False
+        self._since: float | None = None  # when the round trip under way began
         self._waiting: Waiting = []
         self._thread = threading.Thread(target=self._run, name="fastadapt-changes", daemon=True)
         self._thread.start()
@@ -182,11 +194,15 @@ class PostgresCounter:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bool] = loop.create_future()
         with self._cond:
-            if not self._listening:
+            stuck = self._since is not None and time.monotonic() - self._since > STALL_S
+            if not self._listening or stuck:
                 return False
             self._waiting.append((loop, future))
             self._cond.notify()
-        return await future
+        try:
+            return await asyncio.wait_for(future, STALL_S)
+        except TimeoutError:
+            return False
 
     def close(self) -> None:
         with self._cond:
@@ -227,11 +243,15 @@ class PostgresCounter:
                 if self._closed:
                     return
                 batch, self._waiting = self._waiting, []
+                self._since = time.monotonic()
             try:
                 conn.execute("SELECT 1")  # every notification committed before it, delivered
             except psycopg.Error:
                 _answer(batch, False)
                 raise
+            finally:
+                with self._cond:
+                    self._since = None
             _answer(batch, True)
 
     def _stop_listening(self) -> None:

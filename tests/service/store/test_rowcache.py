@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, text
 
-from service.store.rowcache import RowCache
+from service.store.rowcache import STALL_S, PostgresCounter, RowCache
 from service.store.session import connect
 
 
@@ -121,6 +121,12 @@ def test_postgresql_a_row_is_kept_until_a_commit_is_notified(
         assert cache.get("a") is None
         cache.put("b", 2, before)  # read before that commit: not kept
         assert cache.get("b") is None
+        counter = cache._counter
+        assert isinstance(counter, PostgresCounter)
+        counter._since = time.monotonic() - 2 * STALL_S  # a round trip stuck on its way
+        assert not asyncio.run(cache.fresh())  # at once: predictions query meanwhile
+        counter._since = None
+        assert asyncio.run(cache.fresh())
     finally:
         cache.close()
         engine.dispose()
