@@ -32,7 +32,7 @@ import time
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, NamedTuple, cast
 
@@ -781,15 +781,7 @@ def _pooled_ece(groups: Sequence[tuple[Tensor, Tensor]], temperature: float) -> 
 
 def calibrated(model: MetaModel, temperature: float, record: dict[str, Any]) -> MetaModel:
     """A copy of ``model`` carrying ``temperature`` (its weights file, so its sha, change)."""
-    task = {**model.config.task, "calibration": record}
-    config = ArtifactConfig(
-        model.config.name,
-        model.config.family,
-        model.config.architecture,
-        task,
-        model.config.inner,
-        model.config.training,
-    )
+    config = replace(model.config, task={**model.config.task, "calibration": record})
     return MetaModel(config, model.params, model.lrs, "", temperature)
 
 

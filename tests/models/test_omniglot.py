@@ -452,6 +452,7 @@ def test_eval_prints_both_protocols_with_ece_and_writes_the_diagram(
     assert "ECE at fitted T" in out
     image = Image.open(diagram)
     assert image.format == "PNG" and image.size == (2 * 260, 2 * 284)  # 2 rows x 2 panels
-    model = MetaModel.load(calibrated)
-    assert model.calibration is not None and model.version != MetaModel.load(ARTIFACT).version
+    model, shipped = MetaModel.load(calibrated), MetaModel.load(ARTIFACT)
+    assert model.calibration is not None and model.version != shipped.version
+    assert model.config.trained_for == shipped.config.trained_for  # the guardrails stay
     assert model.config.task["calibration"]["tasks_per_protocol"] == 1
