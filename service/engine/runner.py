@@ -163,10 +163,12 @@ class ModelRunner:
         x = work.inputs
         if work.fast.arrays and not isinstance(x, Tensor):
             assert self.kernel is not None
-            rows = np.asarray(x, dtype=np.float32)  # (Q, D)
-            numpy_out: list[list[float]] = self.kernel.predict_numpy(
-                work.fast.arrays, rows
-            ).tolist()
+            # as torch does, silently: an input beyond float32 becomes inf and the outputs
+            # may not be finite, which the use case answers with a 422 naming the inputs
+            with np.errstate(all="ignore"):
+                rows = np.asarray(x, dtype=np.float32)  # (Q, D)
+                outputs = self.kernel.predict_numpy(work.fast.arrays, rows)
+            numpy_out: list[list[float]] = outputs.tolist()
             return numpy_out
         if not isinstance(x, Tensor):
             x = torch.tensor(x, dtype=torch.float32)  # (Q, D)
