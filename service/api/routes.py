@@ -3,7 +3,6 @@ and the open probes (``health``). Each parses, calls one use case, returns a wir
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Request, Response
@@ -32,7 +31,6 @@ from service.api.schemas import (
     Status,
 )
 from service.errors import Unavailable
-from service.requests import RawInput
 from service.usecases import Runtime
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -79,43 +77,20 @@ def replayed(created: usecases.idempotency.Created, response: Response) -> Any:
 
 
 async def predicted(
-    runtime: Runtime,
-    sessions: Sessions,
-    *,
-    tenant_id: str,
-    client_id: str,
-    inputs: Sequence[RawInput],
-    version: int | None,
-    field: str = "inputs",
+    runtime: Runtime, sessions: Sessions, query: usecases.predict.Query
 ) -> Response:
     """A prediction, answered: started on the event loop where it needs no database read
     (a kept version, a small net), else in a worker thread (the database read and the
     engine's submit); the engine's answer awaited on the event loop (no thread waits for
     it), the body serialised once by pydantic, with the version's ETag."""
     fresh = await runtime.predictables.fresh()  # a kept version may answer
-    pending = None
-    if fresh:
-        pending = usecases.predict.start_on_loop(
-            runtime=runtime,
-            tenant_id=tenant_id,
-            client_id=client_id,
-            inputs=inputs,
-            version=version,
-            field=field,
-        )
+    pending = usecases.predict.start_on_loop(runtime=runtime, query=query) if fresh else None
     if pending is None:
 
         def start() -> usecases.predict.Pending:
             with sessions() as session:
                 return usecases.predict.start(
-                    session=session,
-                    runtime=runtime,
-                    tenant_id=tenant_id,
-                    client_id=client_id,
-                    inputs=inputs,
-                    version=version,
-                    field=field,
-                    fresh=fresh,
+                    session=session, runtime=runtime, query=query, fresh=fresh
                 )
 
         pending = await run_in_threadpool(start)
@@ -239,15 +214,8 @@ async def predict_query(
 ) -> Response:
     """Predictions of the current version, or of ``version``, for 1-D inputs:
     ``?x=0.5&x=1.25&version=2``."""
-    return await predicted(
-        runtime,
-        sessions,
-        tenant_id=tenant_id,
-        client_id=client_id,
-        inputs=[[value] for value in x],
-        version=version,
-        field="x",
-    )
+    query = usecases.predict.Query(tenant_id, client_id, [[value] for value in x], version, "x")
+    return await predicted(runtime, sessions, query)
 
 
 @router.post(
@@ -264,14 +232,8 @@ async def predict(
     tenant_id: TenantDep,
 ) -> Response:
     """Predictions of the current version, or of ``version``."""
-    return await predicted(
-        runtime,
-        sessions,
-        tenant_id=tenant_id,
-        client_id=client_id,
-        inputs=body.inputs,
-        version=body.version,
-    )
+    query = usecases.predict.Query(tenant_id, client_id, body.inputs, body.version)
+    return await predicted(runtime, sessions, query)
 
 
 @router.get("/v1/clients/{client_id}", tags=["clients"])

@@ -36,6 +36,22 @@ class Prediction:
 
 
 @dataclass(frozen=True)
+class Query:
+    """One prediction request: the inputs, and whose version predicts them."""
+
+    tenant_id: str
+    client_id: str
+    inputs: Sequence[RawInput]
+    version: int | None = None  # None: the client's current version
+    field: str = "inputs"  # the request's field holding the inputs (errors name it)
+
+    @property
+    def key(self) -> tuple[str, str, int | None]:
+        """The version's key in ``Runtime.predictables``."""
+        return (self.tenant_id, self.client_id, self.version)
+
+
+@dataclass(frozen=True)
 class Pending:
     """A prediction submitted to the engine: its future, and what ``finish`` needs."""
 
@@ -49,102 +65,81 @@ class Pending:
 
 
 @storing
-def start(
-    *,
-    session: Session,
-    runtime: Runtime,
-    tenant_id: str,
-    client_id: str,
-    inputs: Sequence[RawInput],
-    version: int | None = None,
-    field: str = "inputs",
-    fresh: bool = False,
-) -> Pending:
+def start(*, session: Session, runtime: Runtime, query: Query, fresh: bool = False) -> Pending:
     """Read the version (kept, or one query), validate the inputs, submit to the engine:
     the part of a prediction that may read the database (a worker thread's). The session
     is closed before it returns, so no connection is held while the engine works.
     ``fresh``: the caller awaited ``runtime.predictables.fresh()``, so a kept version may
     answer."""
-    requests.prediction_size(inputs, runtime.settings, field)
-    row = predictable(
-        session=session,
-        runtime=runtime,
-        tenant_id=tenant_id,
-        client_id=client_id,
-        version=version,
-        fresh=fresh,
-    )
+    requests.prediction_size(query.inputs, runtime.settings, query.field)
+    row = predictable(session=session, runtime=runtime, query=query, fresh=fresh)
     model = meta_model_of(session=session, runtime=runtime, sha=row.meta_model_version)
-    x = requests.model_inputs(model, inputs, field=field, settings=runtime.settings)
+    job = _job(runtime, query, row, model)
     session.close()
-    job = PredictJob(model.version, (tenant_id, client_id, row.uid), x, model=model)
     try:
         future = runtime.engine.submit_predict(job)
     except NotCached as miss:  # read the stored params, in this thread, and submit again
-        params = repository.load_params(session=session, tenant_id=tenant_id, uid=row.uid)
+        params = repository.load_params(session=session, tenant_id=query.tenant_id, uid=row.uid)
         session.close()
         if params is None:
-            raise NotFound(f"unknown client {client_id!r}") from None
+            raise NotFound(f"unknown client {query.client_id!r}") from None
         future = runtime.engine.submit_predict(miss.loaded(params))
-    return Pending(future, client_id, row.version, row.uid, row.labels, model.temperature, field)
+    return _pending(future, query, row, model)
 
 
-def start_on_loop(
-    *,
-    runtime: Runtime,
-    tenant_id: str,
-    client_id: str,
-    inputs: Sequence[RawInput],
-    version: int | None = None,
-    field: str = "inputs",
-) -> Pending | None:
+def start_on_loop(*, runtime: Runtime, query: Query) -> Pending | None:
     """``start`` where it needs neither the database nor a thread, so an event loop may
     run it (after awaiting ``runtime.predictables.fresh()``, which answered True): the
     version is kept (``Runtime.predictables``), its meta-model is loaded and
     takes numbers (no image to decode), and the client's params are on the device. The
     engine runs a small net's forward now when it is idle, else queues it. None: run
     ``start`` in a worker thread instead."""
-    row = runtime.predictables.get((tenant_id, client_id, version))
+    row = runtime.predictables.get(query.key)
     if row is None:
         return None
     model = runtime.registry.in_memory(row.meta_model_version)
     if model is None or len(model.config.input_shape) != 1:
         return None
-    requests.prediction_size(inputs, runtime.settings, field)
-    x = requests.model_inputs(model, inputs, field=field, settings=runtime.settings)
-    job = PredictJob(model.version, (tenant_id, client_id, row.uid), x, model=model)
+    requests.prediction_size(query.inputs, runtime.settings, query.field)
     try:
-        future = runtime.engine.submit_predict(job, on_loop=True)
+        future = runtime.engine.submit_predict(_job(runtime, query, row, model), on_loop=True)
     except NotCached:
         return None
-    return Pending(future, client_id, row.version, row.uid, row.labels, model.temperature, field)
+    return _pending(future, query, row, model)
+
+
+def _job(runtime: Runtime, query: Query, row: Predictable, model: MetaModel) -> PredictJob:
+    """The engine's job: the inputs validated for the version's meta-model."""
+    x = requests.model_inputs(model, query.inputs, field=query.field, settings=runtime.settings)
+    return PredictJob(model.version, (query.tenant_id, query.client_id, row.uid), x, model=model)
+
+
+def _pending(
+    future: Future[list[list[float]]], query: Query, row: Predictable, model: MetaModel
+) -> Pending:
+    labels, temperature = row.labels, model.temperature
+    return Pending(future, query.client_id, row.version, row.uid, labels, temperature, query.field)
 
 
 def predictable(
-    *,
-    session: Session,
-    runtime: Runtime,
-    tenant_id: str,
-    client_id: str,
-    version: int | None,
-    fresh: bool = False,
+    *, session: Session, runtime: Runtime, query: Query, fresh: bool = False
 ) -> Predictable:
     """What a prediction reads of the version: kept while the database has not changed
     (``Runtime.predictables``; only if ``fresh``, see ``start``), else one query (then
     kept). ``NotFound`` if missing."""
-    key = (tenant_id, client_id, version)
     cache = runtime.predictables
-    row = cache.get(key) if fresh else None
+    row = cache.get(query.key) if fresh else None
     if row is not None:
         return row
     # a session already in a transaction may read a snapshot older than the counter's
     generation = None if session.in_transaction() else cache.generation()
+    tenant_id, client_id, version = query.key
     row = repository.get_predictable(
         session=session, tenant_id=tenant_id, client_id=client_id, version=version
     )
     if row is None:
         raise missing(session=session, tenant_id=tenant_id, client_id=client_id, version=version)
-    cache.put(key, row, generation)
+    cache.put(query.key, row, generation)
     return row
 
 
@@ -210,15 +205,8 @@ def predict(
 ) -> Prediction:
     """Predictions of one client version (the current one by default), waiting in this
     thread (the API awaits ``start``'s future on the event loop instead)."""
-    pending = start(
-        session=session,
-        runtime=runtime,
-        tenant_id=tenant_id,
-        client_id=client_id,
-        inputs=inputs,
-        version=version,
-        field=field,
-    )
+    query = Query(tenant_id, client_id, inputs, version, field)
+    pending = start(session=session, runtime=runtime, query=query)
     return finish(pending, runtime.wait(pending.future))
 
 
