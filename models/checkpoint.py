@@ -2,8 +2,10 @@
 
 The sha256 of the weights file is the meta-model's version. Learned inner learning
 rates (Meta-SGD, MAML++) travel in the same safetensors file under ``inner_lr.``, and so
-does a fitted softmax temperature (``calibration.temperature``, a scalar; absent: 1), so
-recalibrating an artifact changes its version, as it changes its probabilities.
+does a fitted softmax temperature (``calibration.temperature``, a scalar; absent: 1) and,
+for families that say "none of these" (text), the in-scope score's logistic function of
+the top logit (``calibration.in_scope``: [scale, bias]), so recalibrating an artifact
+changes its version, as it changes its probabilities.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ WEIGHTS_FILE = "weights.safetensors"
 DIGEST_FILE = "weights.sha256"
 LR_PREFIX = "inner_lr."
 TEMPERATURE_KEY = "calibration.temperature"
+IN_SCOPE_KEY = "calibration.in_scope"
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,7 @@ class MetaModel:
         lrs: Params,
         version: str,
         temperature: float | None = None,
+        in_scope: tuple[float, float] | None = None,
     ) -> None:
         self.config = config
         self.net = nets.build(config.architecture)
@@ -160,6 +164,8 @@ class MetaModel:
         self.lrs = detached(lrs)
         self.version = version
         self.calibration = temperature  # None: uncalibrated (the probabilities use 1)
+        # (scale, bias): in-scope score = sigmoid(scale * top logit + bias); None: no score
+        self.in_scope = in_scope
         self.support_shifts = SupportShifts.from_task(config.task)  # None: sets stay as given
 
     @property
@@ -203,6 +209,8 @@ class MetaModel:
         tensors = {**self.params, **{LR_PREFIX + n: t for n, t in self.lrs.items()}}
         if self.calibration is not None:
             tensors[TEMPERATURE_KEY] = torch.tensor(self.calibration, dtype=torch.float64)
+        if self.in_scope is not None:
+            tensors[IN_SCOPE_KEY] = torch.tensor(self.in_scope, dtype=torch.float64)
         return to_bytes(tensors)
 
     def save(self, directory: str | Path) -> str:
@@ -251,24 +259,30 @@ class MetaModel:
             tensors = from_bytes(weights)
         except Exception as exc:  # safetensors' own error types differ between versions
             raise ValueError(f"{source}: {WEIGHTS_FILE} is not safetensors ({exc})") from None
-        params, lrs, temperature = split_weights(tensors)
+        params, lrs, temperature, in_scope = split_weights(tensors)
         net = nets.build(config.architecture)
         expected = {n: tuple(p.shape) for n, p in net.named_parameters()}
         got = {n: tuple(params[n].shape) for n in expected if n in params}
         if got != expected:
             missing = sorted(n for n in expected if got.get(n) != expected[n])
             raise ValueError(f"{source}: weights do not fit the config's net ({missing[:3]})")
-        return cls(config, params, lrs, digest, temperature)
+        return cls(config, params, lrs, digest, temperature, in_scope)
 
 
-def split_weights(tensors: Params) -> tuple[Params, Params, float | None]:
-    """A weights file's tensors -> (net parameters, learned inner rates, temperature)."""
+def split_weights(
+    tensors: Params,
+) -> tuple[Params, Params, float | None, tuple[float, float] | None]:
+    """A weights file's tensors -> (net parameters, learned inner rates, temperature,
+    in-scope scale and bias)."""
     lrs = {n[len(LR_PREFIX) :]: t for n, t in tensors.items() if n.startswith(LR_PREFIX)}
+    calibration = (TEMPERATURE_KEY, IN_SCOPE_KEY)
     params = {
-        n: t for n, t in tensors.items() if not n.startswith(LR_PREFIX) and n != TEMPERATURE_KEY
+        n: t for n, t in tensors.items() if not n.startswith(LR_PREFIX) and n not in calibration
     }
     temperature = tensors.get(TEMPERATURE_KEY)
-    return params, lrs, None if temperature is None else float(temperature)
+    scope = tensors.get(IN_SCOPE_KEY)
+    in_scope = None if scope is None else (float(scope[0]), float(scope[1]))
+    return params, lrs, None if temperature is None else float(temperature), in_scope
 
 
 def discover(root: str | Path) -> list[Path]:

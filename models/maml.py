@@ -32,6 +32,7 @@ LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (K, O), (K[, O]), (K,) ->
 OutputGrad = Callable[[Tensor], Tensor]  # out (B, K, O) -> d loss / d out (B, K, O)
 Adapt = Literal["all", "head"]
 LearnedLr = Literal["none", "per_param", "per_layer_per_step"]
+HeadInit = Literal["meta", "proto"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,9 @@ class InnerLoopConfig:
     adapt: Adapt = "all"  # "all" parameters (MAML) or the "head" alone (ANIL)
     learned_lr: LearnedLr = "none"  # or "per_param" (Meta-SGD), "per_layer_per_step" (MAML++)
     grad_clip: float | None = None  # clip each inner gradient to this global norm (None: off)
+    # the head the descent starts from: the meta-learned one, or "proto" (Proto-MAML,
+    # Triantafillou et al. 2020): each class's row from the mean of its support features
+    head_init: HeadInit = "meta"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -52,6 +56,7 @@ class InnerLoopConfig:
         changes later must not change how an old artifact adapts. A missing or unknown
         key is a ValueError naming it (``where`` prefixes the name)."""
         names = [f.name for f in fields(cls)]
+        data = {**ADDED_LATER, **data}
         for name in names:
             if name not in data:
                 raise ValueError(f"{where}.{name} is missing")
@@ -60,6 +65,9 @@ class InnerLoopConfig:
             raise ValueError(f"{where}.{unknown[0]}: not an inner-loop option; known: {names}")
         return cls(**data)
 
+
+# options added after artifacts were first saved, at the value those artifacts adapt with
+ADDED_LATER: dict[str, Any] = {"head_init": "meta"}
 
 Rate = Tensor | float  # a step size: a float, a learned tensor, or one per client (B, 1, 1)
 
@@ -181,6 +189,25 @@ def clip_norm(grads: Params, max_norm: float) -> Params:
     return {n: g * scale for n, g in grads.items()}
 
 
+# -- Proto-MAML's head ------------------------------------------------------------------------
+UNUSED_BIAS = -1e4  # an output no support example uses: its softmax share is exp(-1e4) = 0
+
+
+def proto_head(h: Tensor, y: Tensor, w: Tensor, ways: int) -> tuple[Tensor, Tensor]:
+    """The linear head that scores features by their squared distance to each class's mean
+    (Snell et al. 2017, as Proto-MAML initialises it): h (K, D) features, y (K,) class
+    indices, w (K,) weights -> weight (ways, D) = 2 mean_c, bias (ways,) = -|mean_c|^2.
+    Outputs that no weighted example uses get weight 0 and bias ``UNUSED_BIAS``: they
+    take no probability and no gradient. Shapes are static, so ``vmap`` runs it."""
+    one_hot = F.one_hot(y, ways).to(h.dtype) * w[:, None]  # (K, ways)
+    counts = one_hot.sum(0)  # (ways,)
+    means = (one_hot.T @ h) / counts.clamp_min(1e-12)[:, None]  # (ways, D)
+    used = counts > 0
+    weight = torch.where(used[:, None], 2.0 * means, torch.zeros_like(means))
+    bias = torch.where(used, -(means * means).sum(-1), torch.full_like(counts, UNUSED_BIAS))
+    return weight, bias
+
+
 class AdaptResult(NamedTuple):
     fast: Params  # the adapted parameters (all of them, or ``head.*`` alone for ANIL)
     loss_before: Tensor  # support loss at the meta-initialisation, scalar (or (B,) batched)
@@ -216,6 +243,15 @@ class Learner:
         fast = {n: p for n, p in params.items() if self.is_fast(n)}
         frozen = {n: p for n, p in params.items() if not self.is_fast(n)}
         return fast, frozen
+
+    def start(self, fast: Params, h: Tensor, y: Tensor, w: Tensor) -> Params:
+        """Where the descent starts: the meta-learned fast params, or with
+        ``head_init="proto"`` the head from the support features' class means (``h`` are
+        what the head sees: head-only adaptation)."""
+        if self.inner.head_init == "meta":
+            return fast
+        weight, bias = proto_head(h, y, w, fast["head.weight"].shape[0])
+        return {**fast, "head.weight": weight, "head.bias": bias}
 
     def init_lrs(self, params: Params) -> Params:
         """Initial learnable inner rates for ``learned_lr`` (empty when rates are fixed)."""
@@ -317,6 +353,7 @@ class Learner:
         """
         fast, frozen = self.split(params)
         h = self.features(frozen, x)  # computed once: ANIL's support features
+        fast = self.start(fast, h, y, w)
         n = self.inner.steps if steps is None else steps
         yield from self._descend(fast, frozen, h, y, w, lrs, n, lr, create_graph)
 
@@ -335,6 +372,7 @@ class Learner:
         """Run the whole inner loop (see ``steps``) and report the support loss around it."""
         fast, frozen = self.split(params)
         h = self.features(frozen, x)
+        fast = self.start(fast, h, y, w)
         n = self.inner.steps if steps is None else steps
         trajectory = list(self._descend(fast, frozen, h, y, w, lrs, n, lr, create_graph))
         if trajectory:

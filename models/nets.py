@@ -10,6 +10,7 @@ from disk: a default that changes later must not change what an old artifact com
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Literal
@@ -50,8 +51,20 @@ class Conv4Spec:
     readout: Readout = "pool"  # "pool": the full last block; "map": its GroupNorm output
 
 
-NetSpec = MLPSpec | Conv4Spec
-SPECS: dict[str, type[NetSpec]] = {spec.kind: spec for spec in (MLPSpec, Conv4Spec)}
+@dataclass(frozen=True)
+class ResidualSpec:
+    """A ``Residual``: a residual MLP block over fixed embeddings (a frozen sentence
+    encoder's), unit-normalised and scaled by a learned length, then a head."""
+
+    kind: ClassVar[str] = "residual"
+    in_features: int = 384  # embedding width
+    hidden: int = 384  # the block's hidden width (0: no block, the embedding itself)
+    out_features: int = 160  # the maximum way
+    scale: float = 4.0  # the features' initial length (learned)
+
+
+NetSpec = MLPSpec | Conv4Spec | ResidualSpec
+SPECS: dict[str, type[NetSpec]] = {spec.kind: spec for spec in (MLPSpec, Conv4Spec, ResidualSpec)}
 
 
 class Standardize(nn.Module):
@@ -160,6 +173,45 @@ class Conv4(nn.Module):
         return self.head(self.body(x))
 
 
+class ResidualBlock(nn.Module):
+    """x + up(gelu(down(x))), the up projection zero at initialisation (the identity),
+    then unit length times a learned scale: (N, D) -> (N, D)."""
+
+    def __init__(self, width: int, hidden: int, scale: float) -> None:
+        super().__init__()
+        self.down = nn.Linear(width, hidden) if hidden else None
+        self.up = nn.Linear(hidden, width) if hidden else None
+        if self.up is not None:
+            nn.init.zeros_(self.up.weight)
+            nn.init.zeros_(self.up.bias)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(scale)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.down is not None and self.up is not None:
+            x = x + self.up(F.gelu(self.down(x)))
+        return self.log_scale.exp() * F.normalize(x, dim=-1)
+
+
+class Residual(nn.Module):
+    """The text family's net on sentence embeddings: ``ResidualBlock`` then a Linear head.
+    The arguments are ``ResidualSpec``'s."""
+
+    def __init__(
+        self,
+        in_features: int = ResidualSpec.in_features,
+        hidden: int = ResidualSpec.hidden,
+        out_features: int = ResidualSpec.out_features,
+        scale: float = ResidualSpec.scale,
+    ) -> None:
+        super().__init__()
+        self.body = ResidualBlock(in_features, hidden, scale)
+        self.head = nn.Linear(in_features, out_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: (N, in_features) -> (N, out_features)
+        return self.head(self.body(x))
+
+
 def _frozen(value: Any) -> Any:
     """JSON lists -> tuples, all the way down (specs are frozen and hashable)."""
     return tuple(_frozen(v) for v in value) if isinstance(value, list | tuple) else value
@@ -208,8 +260,10 @@ def resolve(architecture: Mapping[str, Any]) -> dict[str, Any]:
 
 def build(architecture: Mapping[str, Any] | NetSpec) -> nn.Module:
     """Build a net from a spec or an ``architecture`` block (partial blocks take defaults)."""
-    spec = architecture if isinstance(architecture, MLPSpec | Conv4Spec) else parse(architecture)
+    spec = architecture if isinstance(architecture, NetSpec) else parse(architecture)
     values = {f.name: getattr(spec, f.name) for f in fields(spec)}
     if isinstance(spec, MLPSpec):
         return MLP(**values)
+    if isinstance(spec, ResidualSpec):
+        return Residual(**values)
     return Conv4(**values)

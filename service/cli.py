@@ -285,7 +285,14 @@ def meta_models(parsed: argparse.Namespace) -> int:
                 return 1
             if parsed.name and parsed.name != model.name:
                 config = dataclasses.replace(model.config, name=parsed.name)
-                model = MetaModel(config, model.params, model.lrs, model.version)
+                model = MetaModel(
+                    config,
+                    model.params,
+                    model.lrs,
+                    model.version,
+                    model.calibration,
+                    model.in_scope,
+                )
             done = usecase.register(
                 session=session,
                 registry=registry,

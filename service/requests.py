@@ -26,6 +26,7 @@ from models import tasks
 from models.checkpoint import MetaModel
 from service import images
 from service.engine import AdaptJob, Inputs
+from service.engine.jobs import Texts
 from service.errors import InvalidInput, TooLarge
 from service.settings import Settings
 
@@ -103,6 +104,8 @@ def model_inputs(
 ) -> Inputs:
     """Inputs as the engine takes them: (N, D) rows when every input is a row of D =
     prod(input_shape) numbers, else an (N, *input_shape) float32 tensor."""
+    if model.config.task.get("input") == "text":
+        return texts(inputs, field=field, settings=settings)
     shape = list(model.config.input_shape)
     width = math.prod(shape)
     preprocess = tasks.family(model.config.family).preprocess  # None: not an image family
@@ -141,6 +144,27 @@ def model_inputs(
     return torch.stack(
         [x if isinstance(x, Tensor) else torch.tensor(x).reshape(shape) for x in items]
     )  # (N, *input_shape)
+
+
+def texts(inputs: Sequence[RawInput], *, field: str, settings: Settings) -> Texts:
+    """A text meta-model's inputs: non-empty strings of at most ``max_text_chars``
+    characters that UTF-8 can carry (the encoder truncates what passes its token limit)."""
+    out: list[str] = []
+    limit = settings.max_text_chars
+    for i, item in enumerate(inputs):
+        where = f"{field}[{i}]"
+        if not isinstance(item, str):
+            raise InvalidInput(where, "a text meta-model takes strings (one text per input)")
+        if not item.strip():
+            raise InvalidInput(where, "an empty or whitespace-only text")
+        if len(item) > limit:
+            raise InvalidInput(
+                where, f"{len(item)} characters; texts are limited to {limit} (max_text_chars)"
+            )
+        if not _encodable(item):
+            raise InvalidInput(where, "not Unicode text (a lone surrogate escape)")
+        out.append(item)
+    return tuple(out)
 
 
 def _by_name(model: MetaModel, item: Mapping[str, float], where: str) -> list[float]:

@@ -96,6 +96,13 @@ class Settings(BaseSettings):
     min_inner_steps: int = Field(
         default=1, ge=1, description="Smallest inner_steps a request may ask."
     )
+    max_text_chars: int = Field(
+        default=2000,
+        ge=1,
+        description="Longest text input (characters) of a text meta-model; longer is refused "
+        "(422). The encoder reads at most its pinned max_tokens of a text (256 word pieces "
+        "for intents) and truncates the rest.",
+    )
     max_inner_steps: int = Field(
         default=100, ge=1, description="Largest inner_steps a request may ask."
     )
@@ -139,6 +146,17 @@ class Settings(BaseSettings):
         default=30.0, gt=0, description="Longest a request waits for the engine."
     )
     threads: int = Field(default=1, ge=1, description="Torch intra-op threads of the engine.")
+    embedding_cache_bytes: int = Field(
+        default=64 * MiB,
+        ge=0,
+        description="Text embeddings kept in memory (by encoder and text), so texts seen "
+        "before are not encoded again.",
+    )
+    encoder_half: bool = Field(
+        default=True,
+        description="Run a text meta-model's sentence encoder in half precision on CUDA "
+        "(the CPU always runs float32).",
+    )
     shutdown_timeout_s: int = Field(
         default=30,
         ge=0,

@@ -64,9 +64,11 @@ class BatchedLearner:
         self.learner = learner
         self.params = params
         self.lrs = lrs
-        layout = mlp_layout(learner) if path != "vmap" else None
+        # the hand-batched kernel starts every descent from the meta-learned head
+        meta_head = learner.inner.head_init == "meta"
+        layout = mlp_layout(learner) if path != "vmap" and meta_head else None
         if path == "bmm" and layout is None:
-            raise ValueError("the bmm path needs an MLP of Linear and ReLU layers")
+            raise ValueError("the bmm path needs an MLP of Linear and ReLU layers, meta head")
         self.frozen = learner.split(params)[1]
         self.kernel = MLPKernel(learner, layout, params, lrs) if layout is not None else None
         self.vmap = VmapKernel(learner, params, lrs) if layout is None else None

@@ -45,6 +45,7 @@ def autograd_adapt(
     fast, frozen = learner.split(params)
     with torch.no_grad():
         h = body_features(learner, frozen, x)
+        fast = learner.start(fast, h, y, w)
     fast = {n: p.detach().requires_grad_() for n, p in fast.items()}
     loss_before: Tensor | None = None
     for step in range(steps):

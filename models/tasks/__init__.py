@@ -27,7 +27,12 @@ if TYPE_CHECKING:
     from models.train.loop import MetaTrainConfig
 
 # The registration: one module per family, in the order the commands list them.
-MODULES = ("models.tasks.sinusoid", "models.tasks.omniglot", "models.tasks.tabular")
+MODULES = (
+    "models.tasks.sinusoid",
+    "models.tasks.omniglot",
+    "models.tasks.tabular",
+    "models.tasks.text",
+)
 
 
 @dataclass(frozen=True)

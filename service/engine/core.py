@@ -23,14 +23,17 @@ what the caller hands back, so callers never see them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
-from concurrent.futures import Future
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, TypeVar
+
+from torch import Tensor
 
 from models.checkpoint import MetaModel
 from models.device import resolve_device
@@ -40,11 +43,13 @@ from service.engine.cache import CacheStats, FastParams, ParamsCache
 from service.engine.jobs import Adapted, AdaptJob, Key, NotCached, PredictJob
 from service.engine.observer import EngineObserver
 from service.engine.runner import AdaptWork, ModelRunner, PredictWork
+from service.engine.texts import EncodeWork, Texts, TextStage, is_texts
 from service.engine.worker import DeviceWorker, WorkerStats
 from service.errors import Unavailable
 
 log = logging.getLogger(__name__)
 MiB = 1 << 20
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,8 @@ class EngineConfig:
     job_timeout_s: float = 30.0  # a job not started by then fails with DeadlineExceeded
     threads: int = 1  # torch intra-op threads; 1 measured best on a shared 2-core machine
     path: KernelPath = "auto"  # "auto" (bmm for MLPs, else vmap), "vmap", "bmm" (MLPs only)
+    embedding_cache_bytes: int = 64 * MiB  # text embeddings kept (service.engine.texts)
+    encoder_half: bool = True  # a sentence encoder in half precision on CUDA
 
     @classmethod
     def of(cls, settings: object) -> EngineConfig:
@@ -94,13 +101,21 @@ class Engine:
         self._pending: Counter[str] = Counter()  # jobs queued or running, per version
         self._released: set[str] = set()  # to unload once their last job is done
         self.cache = ParamsCache(config.cache_bytes)
+        self.texts = TextStage(self.device, config.embedding_cache_bytes, config.encoder_half)
+        for runner in self.runners.values():
+            self._prepare(runner)
         self.batcher = Batcher(
             max_batch_size=config.max_batch_size,
             max_batch_delay_s=config.max_batch_delay_ms / 1000.0,
             queue_size=config.queue_size,
         )
         self.worker = DeviceWorker(
-            self.batcher, self.runners, self.cache, threads=config.threads, observer=observer
+            self.batcher,
+            self.runners,
+            self.cache,
+            threads=config.threads,
+            observer=observer,
+            texts=self.texts,
         )
         self._started = False
 
@@ -126,8 +141,13 @@ class Engine:
     # -- jobs --------------------------------------------------------------------------------
     def submit_adapt(self, job: AdaptJob) -> Future[Adapted]:
         """The adapted params and losses of ``job``. Hand the result to ``stored`` once its
-        params are stored, and the engine caches them for the first prediction."""
+        params are stored, and the engine caches them for the first prediction. Texts are
+        encoded first (``_encoded``)."""
         runner = self._runner(job.meta_model, job.model)
+        if is_texts(job.inputs):
+            return self._encoded(
+                runner, job.inputs, lambda x: self.submit_adapt(replace(job, inputs=x))
+            )
         queued = Job(runner.adapt_group(job), AdaptWork(job, self.cache.ticket()), self._deadline())
         self._put(queued, job.meta_model)
         return queued.future
@@ -146,6 +166,9 @@ class Engine:
             except KeyError as exc:
                 futures.append(_failed(exc))
                 continue
+            if is_texts(job.inputs):  # through the encode stage, which batches them
+                futures.append(self.submit_adapt(job))
+                continue
             work = AdaptWork(job, self.cache.ticket())
             one = Job(runner.adapt_group(job), work, deadline)
             queued.append((one, job.meta_model))
@@ -163,6 +186,17 @@ class Engine:
         ``on_loop`` (the caller is an event loop, which must not wait for the device) only
         a small net's forward does (an MLP's, tens of microseconds), any other is queued."""
         runner, work = self._predict_work(job)
+        if is_texts(work.inputs):
+            return self._encoded(
+                runner,
+                work.inputs,
+                lambda x: self._predict_now_or_queued(runner, job, work._replace(inputs=x)),
+            )
+        return self._predict_now_or_queued(runner, job, work, on_loop)
+
+    def _predict_now_or_queued(
+        self, runner: ModelRunner, job: PredictJob, work: PredictWork, on_loop: bool = False
+    ) -> Future[list[list[float]]]:
         now = not on_loop or bool(work.fast.layers)
         if now and not len(self.batcher) and self._started and not self.batcher.closed:
             done = self.worker.predict_now(runner, [work])
@@ -190,6 +224,9 @@ class Engine:
         for i, job in enumerate(jobs):
             try:
                 runner, work = self._predict_work(job, admit=False)
+                if is_texts(work.inputs):  # through the encode stage, which batches them
+                    futures[i] = self.submit_predict(job)
+                    continue
             except (NotCached, ValueError, KeyError) as exc:
                 futures[i] = _failed(exc)
                 continue
@@ -231,6 +268,30 @@ class Engine:
             # laid out by whoever runs it, then cached
             fast = runner.view(flat.to(self.device)) if ticket is None else FastParams(flat)
         return runner, PredictWork(job.inputs, fast, job.key, ticket)
+
+    def _encoded(
+        self, runner: ModelRunner, texts: Texts, then: Callable[[Tensor], Future[T]]
+    ) -> Future[T]:
+        """``then(embeddings)``'s future, the texts' embeddings (N, D) taken from the cache
+        now if all are there, else from an encode job that the device worker batches with
+        every other queued one (adaptations and predictions alike)."""
+        assert runner.encoder is not None
+        sha = self.texts.prepare(runner.encoder)
+        known = self.texts.cached(sha, texts)
+        if known is not None:
+            return then(known)
+        queued = Job((sha, "encode"), EncodeWork(sha, texts), self._deadline())
+        self._put(queued, runner.version)  # the runner stays loaded until its job is queued
+        result: Future[T] = Future()
+
+        def encoded(done: Future[Tensor]) -> None:
+            try:
+                _chain(then(done.result()), result)
+            except BaseException as exc:  # the encode failed, or the job was refused
+                _settle(result, exc=exc)
+
+        queued.future.add_done_callback(encoded)
+        return result
 
     def stored(self, adapted: Adapted, key: Key) -> bool:
         """``adapted``'s params are now stored as client version ``key`` (its uid): cache
@@ -278,10 +339,16 @@ class Engine:
         if model is None or model.version != version:
             raise KeyError(f"meta-model version {version[:12]} is not loaded")
         built = ModelRunner(model, self.device, self.config.path)  # outside the lock: a copy
+        self._prepare(built)
         with self._lock:
             runner = self.runners.setdefault(version, built)
         log.info("loaded meta-model %s@%s on %s", model.name, version[:12], self.device)
         return runner
+
+    def _prepare(self, runner: ModelRunner) -> None:
+        """Load the encoder a text meta-model pins (``EncoderMismatch`` if it differs)."""
+        if runner.encoder is not None:
+            self.texts.prepare(runner.encoder)
 
     def _put(self, queued: Job, version: str) -> None:
         """Queue a job of ``version``, counted until its future is done (while it counts,
@@ -338,6 +405,28 @@ class Engine:
 
     def _deadline(self) -> float:
         return time.monotonic() + self.config.job_timeout_s
+
+
+def _settle(future: Future[Any], result: Any = None, exc: BaseException | None = None) -> None:
+    """Complete ``future`` unless its caller cancelled it (gave up waiting)."""
+    with contextlib.suppress(InvalidStateError):
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+
+
+def _chain(source: Future[T], target: Future[T]) -> None:
+    """Complete ``target`` as ``source`` completes."""
+
+    def done(f: Future[T]) -> None:
+        if f.cancelled():
+            target.cancel()
+            return
+        exc = f.exception()
+        _settle(target, None if exc is not None else f.result(), exc)
+
+    source.add_done_callback(done)
 
 
 def _failed(exc: BaseException) -> Future[Any]:

@@ -26,7 +26,10 @@ Key = tuple[str, str, str]
 # inner loop (timeit, 5 rows of 1 float, on the shared 2-core machine: 14 us for a
 # tensor per job, with or without stacking them, against 2.3 us per job as part of one
 # call over 64 jobs).
-Inputs = Sequence[Sequence[float]] | Tensor
+# A text meta-model's inputs are its texts, validated; the engine encodes them first
+# (``service.engine.texts``).
+Texts = tuple[str, ...]
+Inputs = Sequence[Sequence[float]] | Tensor | Texts
 
 
 @dataclass(frozen=True)

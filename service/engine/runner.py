@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from models.checkpoint import MetaModel
+from models.encoder import EncoderSpec
 from models.kernels import BatchedLearner, KernelPath
 from models.params import BytesPacker
 from service.engine import batches
@@ -57,6 +58,9 @@ class ModelRunner:
         config = model.config
         self.input_shape = config.input_shape
         self.classify = config.kind == "classification"
+        # a text meta-model's pinned encoder: its inputs arrive as texts, encoded first
+        encoder = config.task.get("encoder") if config.task.get("input") == "text" else None
+        self.encoder = None if encoder is None else EncoderSpec.from_dict(encoder)
         self.inner = config.inner
         self.shifts = model.support_shifts  # image support sets grow as meta-trained
         learner = model.learner

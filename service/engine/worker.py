@@ -32,6 +32,7 @@ from service.engine.cache import ParamsCache
 from service.engine.device import configure_threads
 from service.engine.observer import EngineObserver
 from service.engine.runner import ModelRunner, PredictWork
+from service.engine.texts import TextStage
 from service.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -83,11 +84,13 @@ class DeviceWorker:
         *,
         threads: int,
         observer: EngineObserver | None = None,
+        texts: TextStage | None = None,
     ) -> None:
         self.batcher = batcher
         self.runners = runners
         self.cache = cache
         self.threads = threads
+        self.texts = texts  # text meta-models' encoders (their "encode" batches)
         self.observer = observer or EngineObserver()
         self._observed = type(self.observer) is not EngineObserver  # not the do-nothing one
         self.stats = WorkerStats()
@@ -124,6 +127,8 @@ class DeviceWorker:
             configure_threads(self.threads)
             for runner in list(self.runners.values()):  # the versions loaded at start-up
                 runner.warm_up()
+            if self.texts is not None:
+                self.texts.warm_up()
         except BaseException as exc:  # reported by start()
             self._error = exc
             self.ready.set()
@@ -227,6 +232,9 @@ class DeviceWorker:
 
     def _execute(self, batch: list[Job]) -> list[Any]:
         version, kind = batch[0].group[:2]
+        if kind == "encode":
+            assert self.texts is not None
+            return self.texts.encode([job.payload for job in batch])
         runner = self.runners[str(version)]  # loaded while a job of it is queued or running
         self.names[runner.version] = runner.name  # metrics report meta-models by name
         if kind == "adapt":

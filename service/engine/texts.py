@@ -1,0 +1,157 @@
+"""Texts -> embeddings on the device: the encode stage of text meta-models' jobs.
+
+A text meta-model's adaptations and predictions arrive with their inputs as texts. Before
+its inner loop or forward pass, each job's texts become the pinned encoder's embeddings:
+texts already in the ``EmbeddingCache`` (an LRU by bytes, keyed by the encoder's weights
+and the text) are taken from it in the submitting thread; the rest go to the device
+worker as an encode job, and the worker encodes every queued encode job's texts in one
+pass (adaptations and predictions of any clients together, each distinct text once,
+sorted by length inside the encoder so padding stays small). A re-adaptation, a rollback
+or a reconcile of texts the server has seen encodes nothing.
+
+One encoder per pinned spec per engine (the device's), loaded when the first meta-model
+that pins it is; half precision on CUDA when ``half`` is set.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple, TypeGuard
+
+import torch
+from torch import Tensor
+
+from models.encoder import EncoderSpec, SentenceEncoder
+from service.engine.jobs import Texts
+
+ENTRY_OVERHEAD = 200  # bytes an entry costs beyond its vector and text (dict, key, node)
+
+
+def is_texts(inputs: object) -> TypeGuard[Texts]:
+    return isinstance(inputs, tuple) and bool(inputs) and isinstance(inputs[0], str)
+
+
+@dataclass(frozen=True)
+class EmbeddingStats:
+    hits: int
+    misses: int
+    entries: int
+    bytes: int
+    capacity_bytes: int
+
+
+class EmbeddingCache:
+    """(encoder sha, text) -> its embedding (D,) on the CPU, least recently used out first
+    once the entries' bytes pass ``capacity_bytes``. Thread-safe."""
+
+    def __init__(self, capacity_bytes: int) -> None:
+        self.capacity_bytes = capacity_bytes
+        self._entries: OrderedDict[tuple[str, str], Tensor] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def _size(text: str, vector: Tensor) -> int:
+        return vector.numel() * vector.element_size() + len(text) + ENTRY_OVERHEAD
+
+    def get(self, sha: str, texts: Sequence[str]) -> list[Tensor | None]:
+        found: list[Tensor | None] = []
+        with self._lock:
+            for text in texts:
+                vector = self._entries.get((sha, text))
+                if vector is not None:
+                    self._entries.move_to_end((sha, text))
+                found.append(vector)
+            hits = sum(v is not None for v in found)
+            self.hits += hits
+            self.misses += len(found) - hits
+        return found
+
+    def put(self, sha: str, texts: Sequence[str], vectors: Tensor) -> None:
+        with self._lock:
+            for text, vector in zip(texts, vectors, strict=True):
+                key = (sha, text)
+                if key in self._entries:
+                    continue
+                size = self._size(text, vector)
+                if size > self.capacity_bytes:
+                    continue
+                self._entries[key] = vector
+                self._bytes += size
+            while self._bytes > self.capacity_bytes and self._entries:
+                (_, old), vector = self._entries.popitem(last=False)
+                self._bytes -= self._size(old, vector)
+
+    def stats(self) -> EmbeddingStats:
+        with self._lock:
+            return EmbeddingStats(
+                self.hits, self.misses, len(self._entries), self._bytes, self.capacity_bytes
+            )
+
+
+class EncodeWork(NamedTuple):
+    sha: str  # the encoder's weights (its key in ``TextStage.encoders``)
+    texts: Texts  # the job's texts, in order
+
+
+class TextStage:
+    """The engine's encoders (one per pinned spec) and their embedding cache."""
+
+    def __init__(self, device: torch.device, cache_bytes: int, half: bool) -> None:
+        self.device = device
+        self.half = half and device.type == "cuda"
+        self.cache = EmbeddingCache(cache_bytes)
+        self.encoders: dict[str, SentenceEncoder] = {}  # by weights sha
+        self._shas: dict[EncoderSpec, str] = {}
+        self._lock = threading.Lock()
+
+    def prepare(self, spec: EncoderSpec) -> str:
+        """Load the encoder ``spec`` pins, once (``EncoderMismatch`` if the installed one
+        differs): its key, the weights' sha."""
+        with self._lock:
+            sha = self._shas.get(spec)
+            if sha is None:
+                encoder = SentenceEncoder(spec, self.device)
+                if self.half:
+                    encoder.to_half()
+                sha = encoder.sha
+                self.encoders[sha] = encoder
+                self._shas[spec] = sha
+            return sha
+
+    def cached(self, sha: str, texts: Texts) -> Tensor | None:
+        """The texts' embeddings (N, D) if every one is cached, else None."""
+        found = self.cache.get(sha, texts)
+        if any(v is None for v in found):
+            return None
+        return torch.stack(found)  # type: ignore[arg-type]  # none is None
+
+    def encode(self, works: Sequence[EncodeWork]) -> list[Tensor]:
+        """Each work's embeddings (N_i, D), encoding every distinct uncached text of the
+        batch in one pass. On the device worker's thread."""
+        out: list[Tensor] = []
+        by_sha: dict[str, list[int]] = {}
+        for i, work in enumerate(works):
+            by_sha.setdefault(work.sha, []).append(i)
+        results: dict[int, Tensor] = {}
+        for sha, members in by_sha.items():
+            texts = [t for i in members for t in works[i].texts]
+            found = dict(zip(texts, self.cache.get(sha, texts), strict=True))
+            missing = sorted({t for t, v in found.items() if v is None})
+            if missing:
+                vectors = self.encoders[sha].encode(missing)  # (M, D) on the CPU
+                self.cache.put(sha, missing, vectors)
+                found.update(zip(missing, vectors, strict=True))
+            for i in members:
+                results[i] = torch.stack([found[t] for t in works[i].texts])  # type: ignore[misc]
+        out = [results[i] for i in range(len(works))]
+        return out
+
+    def warm_up(self) -> None:
+        for encoder in list(self.encoders.values()):
+            encoder.encode(["warm up", "a second, longer text to warm up with"])
