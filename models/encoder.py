@@ -15,6 +15,7 @@ encoder is a pretrained network those libraries define, and they load it with no
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import importlib.metadata
@@ -100,6 +101,14 @@ def check(spec: EncoderSpec, version: str, sha: str) -> None:
         raise EncoderMismatch(f"encoder {spec.package}: " + "; ".join(differs))
 
 
+@functools.cache
+def shared(spec: EncoderSpec, device: str, half: bool = False) -> SentenceEncoder:
+    """One loaded encoder per spec, device and precision in a process (its weights are
+    read-only: engines, evaluations and tests share it)."""
+    encoder = SentenceEncoder(spec, device)
+    return encoder.to_half() if half else encoder
+
+
 class SentenceEncoder:
     """The pinned encoder on one device: texts -> (N, dim) embeddings."""
 
@@ -118,6 +127,9 @@ class SentenceEncoder:
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self.tokenizer.enable_truncation(spec.max_tokens)
         self.tokenizer.no_padding()
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a bar per load, in every server's log
         model = AutoModel.from_pretrained(str(folder), local_files_only=True)
         self.model = model.eval().to(self.device)
         self.half = False

@@ -281,8 +281,8 @@ def fit_in_scope(inside: Tensor, outside: Tensor, iterations: int = 200) -> tupl
         return loss
 
     opt.step(closure)
-    a, b = float(theta[0]) / sd, float(theta[1]) - float(theta[0]) * mu / sd
-    return a, b
+    t0, t1 = theta.detach().tolist()
+    return t0 / sd, t1 - t0 * mu / sd
 
 
 def auroc(inside: Tensor, outside: Tensor) -> float:
@@ -306,10 +306,6 @@ class RecipeConfig:
     scale: float = 4.0  # the features' initial length
     episode: EpisodeConfig = EpisodeConfig()
     calibration_tasks: int = 300  # episodes the temperature and the in-scope score fit on
-
-
-def encoder_for(args: argparse.Namespace) -> SentenceEncoder:
-    return SentenceEncoder(EncoderSpec(), args.device)
 
 
 def architecture(cfg: RecipeConfig) -> dict[str, Any]:
@@ -411,8 +407,7 @@ def train(args: argparse.Namespace, argv: Sequence[str]) -> None:
     rc = recipe(args)
     held = HeldOut()
     corpus = load(args.data, held)
-    encoder = encoder_for(args)
-    emb = Embeddings.compute(encoder, corpus.texts(), args.cache)
+    emb = Embeddings.compute(SentenceEncoder(EncoderSpec(), device), corpus.texts(), args.cache)
     torch.manual_seed(cfg.seed)
     net = nets.build(architecture(rc))
     inner = options.inner_config(args, adapt="head")
@@ -674,7 +669,12 @@ FAMILY = Family(
     preprocess=None,
     meta_defaults=MetaTrainConfig(iterations=3000, meta_batch=8, meta_lr=1e-3, validate_every=250),
     inner_defaults=InnerLoopConfig(
-        steps=5, lr=0.5, adapt="head", learned_lr="per_layer_per_step", head_init="proto"
+        steps=5,
+        lr=0.5,
+        first_order=True,
+        adapt="head",
+        learned_lr="per_layer_per_step",
+        head_init="proto",
     ),
     add_train_arguments=add_train_arguments,
     train=train,

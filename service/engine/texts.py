@@ -24,7 +24,7 @@ from typing import NamedTuple, TypeGuard
 import torch
 from torch import Tensor
 
-from models.encoder import EncoderSpec, SentenceEncoder
+from models.encoder import EncoderSpec, SentenceEncoder, shared
 from service.engine.jobs import Texts
 
 ENTRY_OVERHEAD = 200  # bytes an entry costs beyond its vector and text (dict, key, node)
@@ -116,9 +116,7 @@ class TextStage:
         with self._lock:
             sha = self._shas.get(spec)
             if sha is None:
-                encoder = SentenceEncoder(spec, self.device)
-                if self.half:
-                    encoder.to_half()
+                encoder = shared(spec, str(self.device), self.half)
                 sha = encoder.sha
                 self.encoders[sha] = encoder
                 self._shas[spec] = sha
