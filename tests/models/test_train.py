@@ -156,3 +156,48 @@ def test_anil_runs_the_body_once_with_the_same_losses_and_gradients() -> None:
     theirs = torch.autograd.grad(torch.stack(looped).sum(), list(params.values()))
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("head_init", ["meta", "proto"])
+def test_first_order_heads_take_the_batched_path_with_the_same_gradients(head_init: str) -> None:
+    """ANIL's first-order meta-gradient through the hand-batched linear head equals the one
+    through ``Learner.adapt``'s autograd loop (forced by a one-entry multi-step weight)."""
+    from models.maml import cross_entropy_loss
+    from models.nets import Residual
+
+    torch.manual_seed(1)
+    net = Residual(in_features=8, hidden=6, out_features=5, scale=2.0)
+    inner = InnerLoopConfig(
+        steps=3,
+        lr=0.4,
+        first_order=True,
+        adapt="head",
+        learned_lr="per_layer_per_step",
+        grad_clip=0.5,
+        head_init=head_init,  # type: ignore[arg-type]
+    )
+    learner = Learner(net, cross_entropy_loss, inner)
+    g = torch.Generator().manual_seed(2)
+    ys = torch.randint(0, 3, (4, 7), generator=g)
+    ws = (torch.rand(4, 7, generator=g) > 0.2).float()
+    ep = Episode(
+        torch.randn(4, 7, 8, generator=g), ys, ws,
+        torch.randn(4, 6, 8, generator=g), torch.randint(0, 3, (4, 6), generator=g),
+        torch.ones(4, 6),
+    )  # fmt: skip
+
+    def gradients(weights: list[float] | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        params = {n: p.detach().clone().requires_grad_() for n, p in net.named_parameters()}
+        lrs = {n: t.requires_grad_() for n, t in learner.init_lrs(params).items()}
+        losses = task_losses(learner, params, lrs, ep, create_graph=False, weights=weights)
+        leaves = [*params.values(), *lrs.values()]
+        grads = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
+        return losses.detach(), [
+            torch.zeros_like(x) if d is None else d for x, d in zip(leaves, grads, strict=True)
+        ]
+
+    fast_losses, fast_grads = gradients(None)
+    loop_losses, loop_grads = gradients([1.0])
+    torch.testing.assert_close(fast_losses, loop_losses, rtol=1e-5, atol=1e-6)
+    for a, b in zip(fast_grads, loop_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
