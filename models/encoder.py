@@ -19,6 +19,7 @@ import functools
 import hashlib
 import importlib
 import importlib.metadata
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -57,6 +58,13 @@ class EncoderSpec:
         if unknown:
             raise ValueError(f"{where}.{unknown[0]}: not an encoder option; known: {names}")
         return cls(**data)
+
+
+def label_text(label: str) -> str:
+    """What a client's label reads as, as one more example of its class: "book_flight",
+    "BookFlight" and "book-flight" all read "book flight"."""
+    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", label)
+    return re.sub(r"[\s_\-./:]+", " ", spaced).strip().lower()
 
 
 class EncoderMismatch(ValueError):

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from models import tasks
 from models.checkpoint import MetaModel
+from models.encoder import label_text
 from service import images
 from service.engine import AdaptJob, Inputs
 from service.engine.jobs import Texts
@@ -67,6 +68,7 @@ def adaptation(
     x = model_inputs(model, inputs, field="support.inputs", settings=settings)
     y, labels = _targets(model, targets)
     warnings = untrained(model, y, steps, settings)  # y: class indices for classification
+    x, y = _with_label_examples(model, x, y, labels)
     return Adaptation(
         model=model,
         job=AdaptJob(model.version, x, y, steps, lr, model=model),
@@ -76,6 +78,19 @@ def adaptation(
         support_size=len(inputs),
         warnings=warnings,
     )
+
+
+def _with_label_examples(
+    model: MetaModel, x: Inputs, y: list[float] | list[int], labels: list[Label] | None
+) -> tuple[Inputs, list[float] | list[int]]:
+    """A text meta-model meta-trained with label examples (``task.label_examples``) reads
+    each string label's name (``label_text``: "book_flight" -> "book flight") as one more
+    example of its class, after the client's own; integer labels name nothing."""
+    if not model.config.task.get("label_examples") or labels is None or not isinstance(x, tuple):
+        return x, y
+    named = [(i, label_text(label)) for i, label in enumerate(labels) if isinstance(label, str)]
+    named = [(i, text) for i, text in named if text]
+    return (*x, *(text for _, text in named)), [*y, *(i for i, _ in named)]
 
 
 def known_meta_model(meta_models: MetaModels, name: str) -> MetaModel:

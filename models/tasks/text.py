@@ -41,7 +41,7 @@ from torch import Tensor
 from models import nets
 from models.calibration import ece, fit_temperature
 from models.checkpoint import ArtifactConfig, MetaModel, TrainedFor
-from models.encoder import EncoderSpec, SentenceEncoder
+from models.encoder import EncoderSpec, SentenceEncoder, label_text
 from models.evaluate import ARTIFACTS, mean_ci95
 from models.maml import LOSSES, InnerLoopConfig, Learner
 from models.params import Params, from_bytes, to_bytes
@@ -97,6 +97,8 @@ class Corpus:
         for support, test in self.held.values():
             for part in (support, test):
                 every.update(t for ts in part.texts.values() for t in ts)
+        pools = [*self.train, *(support for support, _ in self.held.values())]
+        every.update(label_text(label) for pool in pools for label in pool.texts)
         return sorted(every)
 
 
@@ -199,13 +201,20 @@ class EpisodeConfig:
     max_support: int = MAX_SUPPORT
     queries: int = 4  # per intent
     many_shots: float = 0.1  # share of episodes whose shots reach max_shot (else <= 10)
+    label_examples: bool = True  # each intent's name (``label_text``) is one more example
 
 
 def draw_task(
-    g: torch.Generator, pool: Intents, way: int, shots: Sequence[int], queries: int
+    g: torch.Generator,
+    pool: Intents,
+    way: int,
+    shots: Sequence[int],
+    queries: int,
+    label_examples: bool = False,
 ) -> tuple[list[str], list[int], list[str], list[int]]:
     """Support and query texts of ``way`` random intents of ``pool``: shots[c] support
-    examples of intent c (fewer if it has fewer, queries kept apart) and ``queries`` queries."""
+    examples of intent c (fewer if it has fewer, queries kept apart), then its name as one
+    more if ``label_examples``, and ``queries`` queries."""
     labels = pool.labels
     chosen = torch.randperm(len(labels), generator=g)[:way].tolist()
     xs: list[str] = []
@@ -220,6 +229,9 @@ def draw_task(
         ys += [c] * k
         xq += [texts[j] for j in order[k : k + queries]]
         yq += [c] * len(order[k : k + queries])
+    if label_examples:
+        xs += [label_text(labels[i]) for i in chosen]
+        ys += list(range(len(chosen)))
     return xs, ys, xq, yq
 
 
@@ -237,7 +249,7 @@ def sample(
         many = float(torch.rand((), generator=g)) < cfg.many_shots
         most = min(cfg.max_shot if many else 10, max(cfg.min_shot, cfg.max_support // way))
         shots = torch.randint(cfg.min_shot, most + 1, (way,), generator=g).tolist()
-        drawn.append(draw_task(g, pool, way, shots, cfg.queries))
+        drawn.append(draw_task(g, pool, way, shots, cfg.queries, cfg.label_examples))
     k = max(len(d[0]) for d in drawn)
     q = max(len(d[2]) for d in drawn)
     dim = emb.vectors.shape[1]
@@ -423,6 +435,8 @@ def train(args: argparse.Namespace, argv: Sequence[str]) -> None:
             "encoder": EncoderSpec().to_dict(),
             "max_way": MAX_WAY,
             "max_shot": MAX_SHOT,
+            # each intent's name (models.encoder.label_text) is one more example of it
+            "label_examples": rc.episode.label_examples,
             "output": OUTPUT,
             "held_out": held.to_dict(),
             "training_pools": {p.name: len(p.texts) for p in corpus.train},
@@ -470,6 +484,7 @@ class Draw(NamedTuple):
     xq: Tensor
     yq: Tensor
     ways: int
+    names: Tensor  # (ways, D) each intent's name (``label_text``), for label examples
 
 
 def all_way(g: torch.Generator, emb: Embeddings, held: tuple[Intents, Intents], shot: int) -> Draw:
@@ -486,19 +501,31 @@ def all_way(g: torch.Generator, emb: Embeddings, held: tuple[Intents, Intents], 
         ys += [c] * min(shot, len(texts))
         xq += test.texts.get(label, [])
         yq += [c] * len(test.texts.get(label, []))
-    return Draw(emb.of(xs), torch.tensor(ys), emb.of(xq), torch.tensor(yq), len(support.labels))
+    names = emb.of([label_text(label) for label in support.labels])
+    return Draw(emb.of(xs), torch.tensor(ys), emb.of(xq), torch.tensor(yq), len(names), names)
 
 
 def n_way(g: torch.Generator, emb: Embeddings, pool: Intents, way: int, shot: int) -> Draw:
-    xs, ys, xq, yq = draw_task(g, pool, way, [shot] * way, 10)
-    return Draw(emb.of(xs), torch.tensor(ys), emb.of(xq), torch.tensor(yq), way)
+    xs, ys, xq, yq = draw_task(g, pool, way, [shot] * way, 10, label_examples=True)
+    names = emb.of(xs[-way:])  # the intents' names, in class order
+    xs, ys = xs[:-way], ys[:-way]
+    return Draw(emb.of(xs), torch.tensor(ys), emb.of(xq), torch.tensor(yq), way, names)
+
+
+def adapt(model: MetaModel, d: Draw) -> Params:
+    """The meta-model's fast params for the draw's support set, with each intent's name as
+    one more example where the meta-model was meta-trained so (as the service adapts)."""
+    xs, ys = d.xs, d.ys
+    if model.config.task.get("label_examples"):
+        xs, ys = torch.cat([xs, d.names]), torch.cat([ys, torch.arange(d.ways)])
+    with torch.no_grad():
+        return model.adapt(xs, ys).fast
 
 
 def ours(model: MetaModel, d: Draw) -> Tensor:
     """Query logits (Q, ways) of the meta-model adapted to the draw's support set."""
     with torch.no_grad():
-        fast = model.adapt(d.xs, d.ys).fast
-        return model.predict(fast, d.xq)[:, : d.ways]
+        return model.predict(adapt(model, d), d.xq)[:, : d.ways]
 
 
 def logistic(d: Draw, c: float) -> Tensor:
@@ -631,8 +658,8 @@ def out_of_scope(
         rows: dict[str, list[float]] = {"auc": [], "lr_auc": [], "acc": [], "lr_acc": [], "rec": []}
         for _ in range(args.draws):
             d = all_way(g, emb, sets, shot)
+            fast = adapt(model, d)
             with torch.no_grad():
-                fast = model.adapt(d.xs, d.ys).fast
                 inside = model.predict(fast, d.xq)
                 outside = model.predict(fast, oos)
             s_in = in_scope(inside, d.ways, scale, bias)
@@ -648,7 +675,7 @@ def out_of_scope(
                 if best is None or a > best[0]:
                     best = (a, c, p_in)
             assert best is not None
-            p_out = logistic(Draw(d.xs, d.ys, oos, d.yq, d.ways), best[1])
+            p_out = logistic(d._replace(xq=oos), best[1])
             rows["lr_auc"].append(auroc(best[2].max(-1).values, p_out.max(-1).values))
             rows["lr_acc"].append(best[0])
         cells = [
