@@ -314,8 +314,12 @@ def auroc(inside: Tensor, outside: Tensor) -> float:
 # -- meta-training -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RecipeConfig:
-    hidden: int = 384  # the residual block's hidden width (0: none, the encoder's space)
-    scale: float = 4.0  # the features' initial length
+    # the residual block's hidden width (0: none, the encoder's own space). A block of 384
+    # meta-learned on the training intents scored below none on the held-out CLINC150
+    # domains (1/5/10 shots: 78.0/92.3/95.4% against 81.2/96.0/97.5%): it fits the
+    # training intents, not intents in general
+    hidden: int = 0
+    scale: float = 2.0  # the features' initial length (learned)
     episode: EpisodeConfig = EpisodeConfig()
     calibration_tasks: int = 300  # episodes the temperature and the in-scope score fit on
 
@@ -694,10 +698,10 @@ FAMILY = Family(
     input_shape=(EncoderSpec().dim,),
     sample=sample,
     preprocess=None,
-    meta_defaults=MetaTrainConfig(iterations=3000, meta_batch=8, meta_lr=1e-3, validate_every=250),
+    meta_defaults=MetaTrainConfig(iterations=300, meta_batch=8, meta_lr=1e-3, validate_every=100),
     inner_defaults=InnerLoopConfig(
-        steps=5,
-        lr=0.5,
+        steps=10,
+        lr=4.0,
         first_order=True,
         adapt="head",
         learned_lr="per_layer_per_step",

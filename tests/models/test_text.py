@@ -20,6 +20,7 @@ from torch import Tensor
 
 from models import nets
 from models.checkpoint import MetaModel
+from models.encoder import label_text as text_label
 from models.kernels import BatchedLearner
 from models.maml import UNUSED_BIAS, InnerLoopConfig, Learner, cross_entropy_loss, proto_head
 from models.params import Params
@@ -250,3 +251,18 @@ def test_the_recipe_writes_an_artifact_that_adapts_to_texts(tmp_path: Path) -> N
     adapted = model.adapt(x[:2], torch.tensor([0, 1]))
     logits = model.predict(adapted.fast, x)[:, :2]
     assert bool(logits.isfinite().all())
+
+
+@pytest.mark.parametrize(
+    ("label", "text"),
+    [
+        ("book_flight", "book flight"),
+        ("BookFlight", "book flight"),
+        ("card-arrival", "card arrival"),
+        ("  Lost  card ", "lost card"),
+        ("qa.definition", "qa definition"),
+        ("___", ""),
+    ],
+)
+def test_a_label_reads_as_its_words(label: str, text: str) -> None:
+    assert text_label(label) == text
