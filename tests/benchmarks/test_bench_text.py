@@ -16,6 +16,7 @@ import pytest
 
 from benchmarks import bench_text
 from benchmarks.bench_text import MULTI, SHOTS, WAYS, Bodies, write_requests
+from benchmarks.bench_text_engine import adapt_jobs
 from benchmarks.sentences import INTENTS, Sentences
 from benchmarks.serving import wrk
 from models.checkpoint import MetaModel
@@ -134,3 +135,18 @@ def test_wrk_replays_the_file_in_order_with_the_key(recorder: str, tmp_path: Pat
     for i, (path, auth, body) in enumerate(seen[: 2 * len(posts)], start=1):
         want_path, want_body = posts[i % len(posts)]
         assert (path, auth, json.loads(body)) == (want_path, "Bearer secret", want_body)
+
+
+def test_the_in_process_jobs_are_the_services_for_the_same_support_sets() -> None:
+    intents = MetaModel.load(ARTIFACTS / bench_text.META_MODEL)
+    jobs = adapt_jobs(intents, Sentences(seed=3), 2)
+    same = Sentences(seed=3)  # the same choices and texts
+    texts, labels = same.support(same.choose(WAYS), SHOTS)
+    want = requests.adaptation(model=intents, settings=Settings(), inputs=texts, targets=labels)
+    assert jobs[0].inputs == want.job.inputs
+    assert (jobs[0].targets, jobs[0].steps, jobs[0].lr) == (
+        want.job.targets,
+        want.job.steps,
+        want.job.lr,
+    )
+    assert not set(jobs[0].inputs) & set(jobs[1].inputs)
