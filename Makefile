@@ -3,7 +3,7 @@
 #   make serve        migrate, then serve on 127.0.0.1:8000 (PORT=9000 make serve)
 #   make test         the whole test suite
 #   make lint         ruff check, ruff format --check, mypy (CI runs it before the tests)
-#   make bench        the five benchmarks of README.md#benchmarks (~9 min; installs wrk)
+#   make bench        the benchmarks of README.md#benchmarks (~14 min; installs wrk)
 #   make bench-soak   replicas on one PostgreSQL under a checked load (README.md#capacity)
 #   make docker-smoke the compose deployment end to end (README.md#deployment; needs Docker)
 #
@@ -60,8 +60,8 @@ lint: $(STAMP)
 
 # In-process adaptation and predictions, HTTP batching on/off and the HTTP ceiling, the
 # params cache under a working set five times its size, storage per version, image
-# adaptation, bulk endpoints against one request per client: each prints a table
-# (README.md#benchmarks).
+# adaptation, bulk endpoints against one request per client, the text family over HTTP
+# (issue 19's speed goals, batching on/off): each prints a table (README.md#benchmarks).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 bench: $(STAMP)
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk; }
@@ -72,6 +72,7 @@ bench: $(STAMP)
 	  $(BIN)/python -m benchmarks.bench_storage
 	$(BIN)/python -m benchmarks.bench_images
 	$(BIN)/python -m benchmarks.bench_bulk
+	$(BIN)/python -m benchmarks.bench_text
 
 # Two replicas on PostgreSQL (a fresh schema of FASTADAPT_TEST_POSTGRES_URL's database,
 # dropped afterwards) under a checked adapt/predict load for 60 s, then a count in the

@@ -309,7 +309,9 @@ def predict_rows(
             ours.append(closed_loop(submit, n, total))
             sizes.append(total / max(1, engine.stats().worker.predict_batches - before))
             theirs.append(
-                serial_rate(lambda i: loop_predict(ordered[i % 256], queries, device), base_count)
+                serial_rate(
+                    lambda i: loop_predict(ordered[i % len(ordered)], queries, device), base_count
+                )
             )
             bulk.append(many(n, total))
         row(n, ours, theirs, sizes, bulk, share=False)

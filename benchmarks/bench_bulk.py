@@ -107,7 +107,7 @@ def main() -> None:
     runs: dict[tuple[str, str, int], list[Run]] = {}
     failures = {}
     with server(env, args.database_url, tenant="bench") as srv:
-        seed_clients(srv.url, args.clients, srv.headers)
+        seed_clients(srv, args.clients)
         settings = threads(srv.stats())
         for workload in WORKLOADS:
             failures[workload] = sample_failures(srv, workload, items[workload])

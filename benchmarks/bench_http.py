@@ -31,10 +31,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-
-import httpx
 
 from benchmarks.serving import (
     Run,
@@ -42,6 +39,7 @@ from benchmarks.serving import (
     ceiling,
     load,
     machine,
+    post_all,
     require_wrk,
     server,
     threads,
@@ -78,7 +76,7 @@ BUDGET = 0.90
 GOALS = {"predict": 0.8, "adapt": 0.6}  # share of the ceiling at the largest concurrency
 
 
-def seed_clients(url: str, clients: int, headers: dict[str, str] | None = None) -> None:
+def seed_clients(srv: Server, clients: int) -> None:
     body = {
         "meta_model": "sinusoid",
         "support": {
@@ -86,17 +84,7 @@ def seed_clients(url: str, clients: int, headers: dict[str, str] | None = None) 
             "targets": [0.1 * x for x in range(-5, 5)],
         },
     }
-    http = httpx.Client(base_url=url, timeout=60, headers=headers)
-    with http, ThreadPoolExecutor(16) as pool:
-        codes = list(
-            pool.map(
-                lambda n: http.post(f"/v1/clients/bench-{n}/adaptations", json=body).status_code,
-                range(clients),
-            )
-        )
-    bad = [c for c in codes if c != 201]
-    if bad:
-        raise RuntimeError(f"seeding clients failed: {bad[:5]}")
+    post_all(srv, [(f"/v1/clients/bench-{n}/adaptations", body) for n in range(clients)])
 
 
 def measure(
@@ -163,7 +151,7 @@ def main() -> None:
         }
         for srv in servers.values():
             if srv.engine:
-                seed_clients(srv.url, args.clients, srv.headers)
+                seed_clients(srv, args.clients)
         settings = {mode: threads(srv.stats()) for mode, srv in servers.items() if srv.engine}
         for workload in workloads:
             for c in concurrency:

@@ -62,7 +62,7 @@ def main() -> None:
         raise SystemExit("py-spy is missing: pip install py-spy")
     script = f"{args.workload}.lua"
     with server({}, tenant="bench") as srv, tempfile.TemporaryDirectory() as tmp:
-        seed_clients(srv.url, args.clients, srv.headers)
+        seed_clients(srv, args.clients)
         wrk(srv.url, script, args.connections, 2, srv.key, CLIENTS=str(args.clients))  # warm
         raw = Path(tmp) / "profile.raw"
         assert srv.pid is not None

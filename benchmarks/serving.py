@@ -17,7 +17,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,8 +97,7 @@ def server(
             _wait_ready(url, proc, log)
             yield Server(url, Path(data), key, pid=proc.pid)
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+            stop(proc)
 
 
 @contextmanager
@@ -119,8 +119,42 @@ def ceiling() -> Iterator[Server]:
             _wait_ready(url, proc, log)
             yield Server(url, Path(data), engine=False)
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+            stop(proc)
+
+
+def stop(proc: subprocess.Popen[bytes], grace_s: float = 30) -> None:
+    """SIGTERM (a graceful shutdown finishes the queued jobs), then SIGKILL after
+    ``grace_s``: a server left with a long queue must not hide the error that ended
+    the benchmark behind a timeout of its own."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def wait_idle(srv: Server, limit_s: float = 300, window_s: float = 0.5) -> None:
+    """Until ``srv`` has no job queued and its process used under a tenth of a core over
+    ``window_s``: the backlog a closed-loop run leaves when wrk stops (its requests run
+    to the end) must not run into the next measurement, of this server or another."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        before = _cpu_seconds(srv.pid)
+        time.sleep(window_s)
+        busy = _cpu_seconds(srv.pid) - before
+        if srv.stats()["queued"] == 0 and busy < 0.1 * window_s:
+            return
+    raise RuntimeError(f"{srv.url} stayed busy for {limit_s:g} s")
+
+
+def _cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of a process so far (0 where /proc does not say)."""
+    stat = Path(f"/proc/{pid}/stat")
+    if pid is None or not stat.exists():
+        return 0.0
+    fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)"
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def create_key(env: dict[str, str], tenant: str) -> str:
@@ -151,6 +185,19 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
             tail = log.read_text(errors="replace")[-2000:]
             raise RuntimeError(f"the server did not become ready:\n{tail}")
         time.sleep(0.2)
+
+
+def post_all(
+    srv: Server, posts: Sequence[tuple[str, Any]], expect: int = 201, workers: int = 16
+) -> None:
+    """POST each ``(path, json body)`` to ``srv`` (``workers`` at a time, with its key);
+    raises unless every answer is ``expect``. To seed clients before a measurement."""
+    http = httpx.Client(base_url=srv.url, timeout=120, headers=srv.headers)
+    with http, ThreadPoolExecutor(workers) as pool:
+        answers = list(pool.map(lambda post: http.post(post[0], json=post[1]), posts))
+    bad = [f"{r.status_code} {r.text[:200]}" for r in answers if r.status_code != expect]
+    if bad:
+        raise RuntimeError(f"{len(bad)} of {len(posts)} requests failed: {bad[:3]}")
 
 
 def wrk(

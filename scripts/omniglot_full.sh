@@ -27,7 +27,8 @@ set -euo pipefail
 
 DATA=${DATA:-../shared/data/omniglot}
 RUN=${RUN:-runs/full}                       # stages 1-2 (the body)
-OUT=${OUT:-runs/full-shifted}               # the candidate artifact
+CANDIDATE=${CANDIDATE:-runs/full-shifted}   # the candidate artifact (never OUT: on a device
+                                            # machine, $OUT is the tool's output folder)
 THREADS=${THREADS:-2}
 CHUNK_MIN=${CHUNK_MIN:-110}
 SEED=${SEED:-0}
@@ -58,7 +59,7 @@ case "${1:-}" in
     run_stage "$RUN" "${BODY[@]}" --device cpu --threads "$THREADS" --budget-minutes "$CHUNK_MIN" ;;
   shifts)
     device=${DEVICE:-cpu}
-    run_stage "$OUT" --init "$RUN" --channels 128 --epochs 0 --proto-episodes 0 \
+    run_stage "$CANDIDATE" --init "$RUN" --channels 128 --epochs 0 --proto-episodes 0 \
       --iterations 400 --meta-lr 0 --support-shifts 1 --shift 0.15 --zoom 0.15 --rotate 0.26 \
       --seed "$SEED" --calibration-tasks 200 --device "$device" --threads "$THREADS" ;;
   cpu-short)
@@ -67,7 +68,7 @@ case "${1:-}" in
       --support-shifts 1 --seed "$SEED" --calibration-tasks 200 --device cpu \
       --threads "$THREADS" --budget-minutes 115 ;;
   eval)
-    fastadapt eval omniglot --artifact "${ARTIFACT:-$OUT}" --data "$DATA" --tasks 600 \
+    fastadapt eval omniglot --artifact "${ARTIFACT:-$CANDIDATE}" --data "$DATA" --tasks 600 \
       --seed 0 --device "${DEVICE:-cpu}" --threads "$THREADS" \
       --diagram "${DIAGRAM:-runs/omniglot-reliability.png}" ;;
   *)

@@ -41,7 +41,7 @@ from torch import Tensor
 from models import nets
 from models.calibration import ece, fit_temperature
 from models.checkpoint import ArtifactConfig, MetaModel, TrainedFor
-from models.encoder import EncoderSpec, SentenceEncoder, label_text
+from models.encoder import EncoderSpec, SentenceEncoder, label_text, shared
 from models.evaluate import ARTIFACTS, mean_ci95
 from models.maml import LOSSES, InnerLoopConfig, Learner
 from models.params import Params, from_bytes, to_bytes
@@ -166,7 +166,9 @@ class Embeddings:
     def compute(
         cls, encoder: SentenceEncoder, texts: Sequence[str], cache: Path | None
     ) -> Embeddings:
-        path = None if cache is None else cache / f"embeddings-{encoder.sha[:16]}.safetensors"
+        # keyed by the weights and the precision: half's embeddings are not float32's
+        name = f"embeddings-{encoder.sha[:16]}{'-fp16' if encoder.half else ''}.safetensors"
+        path = None if cache is None else cache / name
         known: dict[str, Tensor] = {}
         if path is not None and path.is_file():
             stored = from_bytes(path.read_bytes())
@@ -570,6 +572,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threshold", type=float, default=None, help="in-scope threshold (default: the artifact's)"
     )
+    p.add_argument("--half", action="store_true", help="the encoder in half precision (CUDA only)")
     p.set_defaults(tasks=200)
 
 
@@ -581,12 +584,14 @@ def evaluate(args: argparse.Namespace) -> None:
     model = MetaModel.load(args.artifact)
     held = HeldOut(**{k: tuple(v) for k, v in model.config.task["held_out"].items()})
     corpus = load(args.data, held)
-    encoder = SentenceEncoder(EncoderSpec.from_dict(model.config.task["encoder"]), args.device)
+    spec = EncoderSpec.from_dict(model.config.task["encoder"])
+    encoder = shared(spec, str(args.device), half=args.half)  # half: on CUDA only
     emb = Embeddings.compute(encoder, corpus.texts(), args.cache)
     threshold = default_threshold(model) if args.threshold is None else args.threshold
     print(
         f"meta-model {model.name} {model.version[:12]}: {model.config.inner.steps} inner steps, "
-        f"temperature {model.temperature:.4f}; held out: {held.to_dict()}; seed {args.seed}"
+        f"temperature {model.temperature:.4f}; held out: {held.to_dict()}; seed {args.seed}; "
+        f"encoder on {args.device} in {'float16' if encoder.half else 'float32'}"
     )
     tops: list[Tensor] = []
     hits: list[Tensor] = []
