@@ -205,14 +205,18 @@ def reconcile(parsed: argparse.Namespace, poll_s: float = 1.0) -> int:
             session=session, registry=registry, tenant_id=parsed.tenant, meta_model=parsed.name
         )
         job = status.job
-        print(f"job {job.id}: {job.total} clients of {job.meta_model} onto {job.target[:12]}")
+        job_id = job.id
+        print(f"job {job_id}: {job.total} clients of {job.meta_model} onto {job.target[:12]}")
         while parsed.wait:
             _print_job(status)
             if status.job.state in ("done", "cancelled"):
                 break
+            # End the read before waiting: each poll reads in a transaction of its own. On
+            # SQLite (WAL) one kept open sees the snapshot of its first read forever, and
+            # expire_all() does not end it.
+            session.rollback()
             time.sleep(poll_s)
-            session.expire_all()
-            status = usecase.get(session=session, tenant_id=parsed.tenant, job_id=job.id)
+            status = usecase.get(session=session, tenant_id=parsed.tenant, job_id=job_id)
 
     return _on_database(settings, work)
 
