@@ -27,7 +27,7 @@ from torch import Tensor
 
 from models import nets
 from models.checkpoint import ArtifactConfig, MetaModel, TrainedFor
-from models.evaluate import Score, episode_scores
+from models.evaluate import Score, episode_scores, load_artifact
 from models.maml import LOSSES, InnerLoopConfig, Learner
 from models.params import Params
 from models.tasks import Episode, Family
@@ -297,7 +297,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> None:
-    meta = MetaModel.load(args.artifact).to(args.device)
+    meta = load_artifact(args)
     task = meta.config.task
     table = load_csv(
         args.data,

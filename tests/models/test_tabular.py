@@ -12,6 +12,7 @@ import torch
 from models.checkpoint import MetaModel
 from models.tasks import tabular
 from models.train import main as train
+from models.train import state
 
 torch.set_num_threads(1)
 
@@ -122,3 +123,36 @@ def test_a_csv_with_nothing_dropped_says_so(tmp_path: Path) -> None:
     assert tabular.columns_report(table, task_column="t", label_column="y").endswith(
         "features (1): a\ndropped: none"
     )
+
+
+def test_a_diverging_training_stops_says_what_to_change_and_writes_no_artifact(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 20: a run that went to NaN trained on, wrote NaN weights and exited 0. It stops
+    at the first non-finite loss, exits 1, keeps the last finite checkpoint and names the
+    flags to change. (A meta-lr of 1e6 diverges at once; the issue's run took 400 steps.)"""
+    data, out = tmp_path / "d.csv", tmp_path / "art"
+    write_csv(data, regression=True, tasks=6, rows=12)
+    args = ["--data", str(data), "--task-column", "customer", "--label-column", "label"]
+    flags = "--iterations 20 --validate-every 1 --meta-batch 2 --hidden 4 --device cpu"
+    with pytest.raises(SystemExit) as exit_:
+        train(
+            [
+                "tabular",
+                *args,
+                "--regression",
+                "--out",
+                str(out),
+                *flags.split(),
+                "--meta-lr",
+                "1e6",
+            ]
+        )
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert "meta-training diverged at step 2 of 20: the meta-loss is nan.\n" in err, err
+    assert f"wrote no artifact to {out}; the checkpoint of step 1 is kept" in err
+    assert "--inner-grad-clip" in err and "a lower --meta-lr (now 1e+06)" in err
+    assert not (out / "weights.safetensors").exists()
+    found = state.load(out)
+    assert found is not None and found[1]["done"] == 1
