@@ -43,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _evaluate(args[1:])
     parsed = _parser().parse_args(args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # its 2 INFO lines on every call
     if parsed.command == "serve":
         return serve(host=parsed.host, port=parsed.port)
     if parsed.command == "keys":

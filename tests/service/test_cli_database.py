@@ -5,13 +5,18 @@ right one (issue 20: run from another folder, ``keys revoke`` created an empty
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
+import sys
 from contextlib import closing
 from pathlib import Path
 
 import pytest
 
 from service import cli
+from service.store import migrate
+from tests.service.api.test_server import REPO
 
 COMMANDS = [
     ["keys", "list"],
@@ -68,3 +73,23 @@ def test_migrate_creates_it_and_then_the_commands_use_it(
     capsys.readouterr()
     assert cli.main(["keys", "list"]) == 0
     assert capsys.readouterr().out.split() == ["id", "tenant", "scope", "created", "revoked"]
+
+
+def test_a_command_prints_its_output_alone(tmp_path: Path) -> None:
+    """No Alembic INFO lines on every call (issue 20), and output ending in a newline."""
+    url = f"sqlite:///{tmp_path / 'fastadapt.db'}"
+    migrate.upgrade(url)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTADAPT_")}
+    env["FASTADAPT_DATABASE_URL"] = url
+    done = subprocess.run(
+        [sys.executable, "-m", "service.cli", "keys", "list"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert done.stdout.split() == ["id", "tenant", "scope", "created", "revoked"]
+    assert done.stdout.endswith("revoked\n")
