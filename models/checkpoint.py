@@ -21,7 +21,7 @@ from torch import Tensor
 from models import nets
 from models.augment import SupportShifts
 from models.maml import LOSSES, AdaptResult, InnerLoopConfig, Learner
-from models.params import Params, detached, from_bytes, sha256, to_bytes
+from models.params import Params, detached, from_bytes, non_finite, sha256, to_bytes
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -205,16 +205,24 @@ class MetaModel:
             return self.learner.predict(self.params, fast, x)
 
     # -- files -------------------------------------------------------------------------------
-    def weights_bytes(self) -> bytes:
+    def tensors(self) -> Params:
+        """Everything the weights file holds: parameters, learned rates, calibration."""
         tensors = {**self.params, **{LR_PREFIX + n: t for n, t in self.lrs.items()}}
         if self.calibration is not None:
             tensors[TEMPERATURE_KEY] = torch.tensor(self.calibration, dtype=torch.float64)
         if self.in_scope is not None:
             tensors[IN_SCOPE_KEY] = torch.tensor(self.in_scope, dtype=torch.float64)
-        return to_bytes(tensors)
+        return tensors
+
+    def weights_bytes(self) -> bytes:
+        return to_bytes(self.tensors())
 
     def save(self, directory: str | Path) -> str:
+        """Write the artifact; a ValueError, and nothing written, if a weight is not finite."""
         out = Path(directory)
+        problem = diverged(self.tensors())
+        if problem:
+            raise ValueError(f"{out}: not written: its weights hold {problem}")
         out.mkdir(parents=True, exist_ok=True)
         data = self.weights_bytes()
         digest = sha256(data)
@@ -266,7 +274,23 @@ class MetaModel:
         if got != expected:
             missing = sorted(n for n in expected if got.get(n) != expected[n])
             raise ValueError(f"{source}: weights do not fit the config's net ({missing[:3]})")
+        problem = diverged(tensors)
+        if problem:
+            raise ValueError(f"{source}: {WEIGHTS_FILE} holds {problem}")
         return cls(config, params, lrs, digest, temperature, in_scope)
+
+
+def diverged(tensors: Params) -> str | None:
+    """Why weights cannot make an artifact (a NaN or an infinity: a diverged training,
+    whose every adaptation would fail), naming the tensors; None when all are finite."""
+    bad = non_finite(tensors)
+    if not bad:
+        return None
+    names = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+    return (
+        f"NaN or infinity in {len(bad)} of {len(tensors)} tensors ({names}): its meta-training "
+        "diverged; train it again with smaller steps (a lower rate, an --inner-grad-clip)"
+    )
 
 
 def split_weights(

@@ -69,6 +69,15 @@ def episode_scores(meta: MetaModel, ep: Episode) -> Score:
     return Score(metric, mean_ci95(adapted.cpu()), mean_ci95(unadapted.cpu()))
 
 
+def load_artifact(args: argparse.Namespace) -> MetaModel:
+    """``--artifact``, loaded onto ``--device``; one that cannot be (missing, tampered,
+    NaN weights) ends the command with the reason, exit 1, no traceback."""
+    try:
+        return MetaModel.load(args.artifact).to(args.device)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"{PROG}: cannot load {args.artifact}: {exc}") from None
+
+
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", type=int, default=600, help="fresh tasks per row")
     p.add_argument("--seed", type=int, default=0, help="seeds the tasks (each row its own)")

@@ -28,6 +28,11 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def non_finite(params: Params) -> list[str]:
+    """The names of the tensors holding a NaN or an infinity, sorted."""
+    return sorted(n for n, t in params.items() if t.is_floating_point() and not t.isfinite().all())
+
+
 def nbytes(params: Params) -> int:
     return sum(t.numel() * t.element_size() for t in params.values())
 

@@ -163,6 +163,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         docs_url=None,  # docs.install serves /docs and /redoc with local assets
         redoc_url=None,
+        # one spelling per path: a trailing slash is a 404, not a 307 to the path without
+        # it (which a DELETE or POST following it would meet with a 405 or a lost body)
+        redirect_slashes=False,
     )
     settings = app.state.settings = Settings() if settings is None else settings
     app.state.stopping = threading.Event()  # set on SIGTERM (``stop``): /readyz answers 503

@@ -43,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _evaluate(args[1:])
     parsed = _parser().parse_args(args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # its 2 INFO lines on every call
     if parsed.command == "serve":
         return serve(host=parsed.host, port=parsed.port)
     if parsed.command == "keys":
@@ -157,13 +158,19 @@ def _log_config(*, access: bool) -> dict[str, Any]:
 
 
 def migrate() -> int:
+    """Create the database (a SQLite file and its folder too) or bring it up to date."""
     settings = Settings()
     try:
+        before = None if _missing(settings) else migrations.current(settings.database_url)
         migrations.upgrade(settings.database_url)
     except SQLAlchemyError as exc:
         print(f"fastadapt: cannot migrate {_shown(settings)}: {exc}", file=sys.stderr)
         return 2
-    log.info("%s is at revision %s", _shown(settings), migrations.head())
+    head = migrations.head()
+    if before == head:
+        log.info("%s is at revision %s (up to date)", _shown(settings), head)
+    else:
+        log.info("%s migrated from revision %s to %s", _shown(settings), before or "none", head)
     return 0
 
 
@@ -205,14 +212,18 @@ def reconcile(parsed: argparse.Namespace, poll_s: float = 1.0) -> int:
             session=session, registry=registry, tenant_id=parsed.tenant, meta_model=parsed.name
         )
         job = status.job
-        print(f"job {job.id}: {job.total} clients of {job.meta_model} onto {job.target[:12]}")
+        job_id = job.id
+        print(f"job {job_id}: {job.total} clients of {job.meta_model} onto {job.target[:12]}")
         while parsed.wait:
             _print_job(status)
             if status.job.state in ("done", "cancelled"):
                 break
+            # End the read before waiting: each poll reads in a transaction of its own. On
+            # SQLite (WAL) one kept open sees the snapshot of its first read forever, and
+            # expire_all() does not end it.
+            session.rollback()
             time.sleep(poll_s)
-            session.expire_all()
-            status = usecase.get(session=session, tenant_id=parsed.tenant, job_id=job.id)
+            status = usecase.get(session=session, tenant_id=parsed.tenant, job_id=job_id)
 
     return _on_database(settings, work)
 
@@ -326,10 +337,19 @@ def _print_table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> No
         print("  ".join(cells).rstrip())
 
 
-def _prepare_schema(settings: Settings) -> str | None:
-    """Bring SQLite up to date; on PostgreSQL only check (replicas must not race to migrate)."""
+def _prepare_schema(settings: Settings, *, create: bool = True) -> str | None:
+    """Bring SQLite up to date; on PostgreSQL only check (replicas must not race to migrate).
+    Without ``create`` (every command but ``serve`` and ``migrate``), a SQLite database
+    that does not exist, or holds no fastadapt schema, is refused, not created."""
+    if not create:
+        problem = _missing(settings)
+        if problem:
+            return problem
     try:
         if settings.is_sqlite:
+            if not create and migrations.current(settings.database_url) is None:
+                path = _sqlite_path(settings)
+                return f"{path} holds no fastadapt database (revision none).{POINTING}"
             migrations.upgrade(settings.database_url)
             return None
         have, want = migrations.current(settings.database_url), migrations.head()
@@ -343,13 +363,37 @@ def _prepare_schema(settings: Settings) -> str | None:
     return None
 
 
+POINTING = """
+  Point FASTADAPT_DATABASE_URL at your database (sqlite:////path/to/fastadapt.db, or the
+  postgresql+psycopg:// URL your servers use), or FASTADAPT_DATA_DIR at the folder that
+  holds its fastadapt.db: unset, they mean ./data/fastadapt.db under the folder you run
+  the command from. `fastadapt migrate` creates a new database there."""
+
+
+def _sqlite_path(settings: Settings) -> Path | None:
+    """The file of a SQLite database (None: another backend, or in memory)."""
+    url = make_url(settings.database_url)
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    return Path(url.database).resolve()
+
+
+def _missing(settings: Settings) -> str | None:
+    """Why a command cannot open the configured database without creating it: its SQLite
+    file does not exist (None: it does, or the backend creates nothing on connect)."""
+    path = _sqlite_path(settings)
+    if path is None or path.exists():
+        return None
+    return f"no database at {path}: this command uses an existing one and creates none.{POINTING}"
+
+
 def _on_database(settings: Settings, work: Callable[[Session], int | None]) -> int:
     """Run a command's ``work`` on one session of the configured database (its schema
     prepared first): its exit status (0 when it returns None), 1 for a domain error with
     its message, 2 when the database cannot be used, naming the database and the error's
     type only (SQLAlchemy's text quotes statements and their parameters: keys' hashes,
     support sets)."""
-    problem = _prepare_schema(settings)
+    problem = _prepare_schema(settings, create=False)
     if problem:
         print(f"fastadapt: {problem}", file=sys.stderr)
         return 2

@@ -342,6 +342,12 @@ def _targets(
     labels = list(index)
     if len({str(label) for label in labels}) != len(labels):
         raise InvalidInput(field, 'labels that read the same as text (e.g. 1 and "1") clash')
+    if len(labels) < 2:  # it would answer that label, with probability 1, to anything
+        raise InvalidInput(
+            field,
+            f"1 distinct label; meta-model {model.name!r} is a classifier and needs examples "
+            "of at least 2 classes to tell apart",
+        )
     max_way = int(model.config.task.get("max_way", 0))
     if len(labels) > max_way:
         raise InvalidInput(

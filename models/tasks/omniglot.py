@@ -44,7 +44,7 @@ from torch import Tensor
 from models import calibration, nets
 from models.augment import SupportShifts
 from models.checkpoint import ArtifactConfig, MetaModel, TrainedFor
-from models.evaluate import mean_ci95
+from models.evaluate import load_artifact, mean_ci95
 from models.maml import LOSSES, InnerLoopConfig, LearnedLr, Learner
 from models.params import Params
 from models.tasks import Episode, Family
@@ -864,7 +864,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> None:
-    model = MetaModel.load(args.artifact).to(args.device)
+    model = load_artifact(args)
     data = load(args.data)
     alphabets = eval_held_out(model, data, args.held_out)
     held = split(data, alphabets)[1]

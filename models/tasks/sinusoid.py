@@ -23,7 +23,7 @@ from torch import Tensor
 
 from models import nets
 from models.checkpoint import ArtifactConfig, MetaModel, TrainedFor
-from models.evaluate import ARTIFACTS, mean_ci95
+from models.evaluate import ARTIFACTS, load_artifact, mean_ci95
 from models.maml import LOSSES, InnerLoopConfig, Learner
 from models.params import Params
 from models.tasks import Episode, Family
@@ -165,7 +165,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> None:
-    meta = MetaModel.load(args.artifact).to(args.device)
+    meta = load_artifact(args)
     inner = meta.config.inner
     print(
         f"meta-model {meta.name} {meta.version[:12]}: {inner.steps} inner steps, "

@@ -97,6 +97,21 @@ def leave_distributed() -> None:
         dist.destroy_process_group()
 
 
+class Diverged(Exception):
+    """A step met a non-finite loss or gradient: training stops there, the weights not
+    stepped on it and no checkpoint written after the last report's (``checkpoint``)."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what  # e.g. "the meta-loss is nan"
+        self.stage = ""  # filled in by the Trainer
+        self.step = 0  # the step over all stages, counting from 1
+        self.checkpoint: int | None = None  # the step of the checkpoint kept (None: none)
+
+    def __str__(self) -> str:
+        return f"{self.stage} step {self.step}: {self.what}" if self.step else self.what
+
+
 class Trainer:
     """Runs its stages in order; reports, validates and checkpoints on their cadence."""
 
@@ -116,6 +131,7 @@ class Trainer:
         self.window: list[dict[str, float]] = []  # step metrics since the last report
         self.t0 = time.perf_counter()
         self.elapsed_before = 0.0
+        self.saved_at: int | None = None  # the step of the checkpoint on disk, if any
 
     def current(self) -> tuple[Stage, int]:
         """The stage the next step belongs to, and that step's index within it."""
@@ -127,8 +143,17 @@ class Trainer:
         raise IndexError("every stage has run")
 
     def step(self) -> dict[str, float]:
+        """One step; ``Diverged`` at a non-finite loss or gradient (a stage raises it
+        before stepping on a bad gradient; a non-finite step metric is checked here)."""
         stage, index = self.current()
-        metrics = stage.step(index)
+        try:
+            metrics = stage.step(index)
+            bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+            if bad:
+                raise Diverged(f"the {bad[0]} is {metrics[bad[0]]}")
+        except Diverged as exc:
+            exc.stage, exc.step, exc.checkpoint = stage.name, self.done + 1, self.saved_at
+            raise
         self.done += 1
         return metrics
 
@@ -149,7 +174,11 @@ class Trainer:
             for key in stage.validation_keys:
                 self.val.setdefault(key, math.nan)
             while self.done < end:
-                metrics = self.step()
+                try:
+                    metrics = self.step()
+                except Diverged:
+                    progress.close()  # what is said next starts a line of its own
+                    raise
                 self.window.append(metrics)
                 shown = {
                     k: v if math.isnan(shown.get(k, math.nan)) else 0.98 * shown[k] + 0.02 * v
@@ -204,6 +233,7 @@ class Trainer:
             tensors |= {f"module.{name}.{k}": v.detach() for k, v in module.state_dict().items()}
         meta = {"done": self.done, "elapsed_s": self.elapsed(), "val": self.val, "stages": stages}
         checkpoint.save(self.out, tensors, meta)
+        self.saved_at = self.done
 
     def load_state(self) -> None:
         found = checkpoint.load(self.out)
@@ -216,7 +246,7 @@ class Trainer:
             stage.load(select(tensors, stage.name), meta["stages"][stage.name])
             for key, g in stage.generators.items():
                 g.set_state(tensors[f"generator.{key}"])
-        self.done = int(meta["done"])
+        self.done = self.saved_at = int(meta["done"])
         self.elapsed_before = float(meta["elapsed_s"])
         self.val = dict(meta["val"])
 
@@ -402,8 +432,17 @@ class MetaStage:
                 assert leaf.grad is not None
                 dist.all_reduce(leaf.grad)
             dist.all_reduce(total)
+        # Stop before stepping on a non-finite loss or gradient (a finite loss can still
+        # overflow backwards): the weights stay as the last step left them (one sync).
+        norm = torch.nn.utils.get_total_norm(
+            [leaf.grad for leaf in leaves if leaf.grad is not None]
+        )
+        if not bool(torch.isfinite(total) & torch.isfinite(norm)):
+            if not torch.isfinite(total):
+                raise Diverged(f"the meta-loss is {float(total)}")
+            raise Diverged(f"the meta-gradient is not finite (meta-loss {float(total):.4g})")
         if cfg.clip is not None:
-            torch.nn.utils.clip_grad_norm_(leaves, cfg.clip)
+            torch.nn.utils.clip_grads_with_norm_(leaves, cfg.clip, norm)
         for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
             group["lr"] = cosine(base, index, cfg.iterations, cfg.meta_lr_min)
         self.lr = self.optimizer.param_groups[0]["lr"]

@@ -22,7 +22,9 @@ from models.device import resolve_device
 from models.maml import Adapt, InnerLoopConfig, LearnedLr
 from models.params import Params
 from models.tasks import Family
-from models.train.loop import MetaTrainConfig, Trainer, leave_distributed
+from models.train.loop import Diverged, MetaStage, MetaTrainConfig, Trainer, leave_distributed
+
+DIVERGED_CLIP = 10.0  # the inner-gradient clip a diverged run is advised to try first
 
 
 def optional_float(text: str) -> float | None:
@@ -158,7 +160,13 @@ def run_and_save(
     and write nothing (False): ``--resume`` continues."""
     started = time.perf_counter()
     budget = None if budget_minutes is None else 60 * budget_minutes
-    finished = trainer.run(resume=resume, budget_s=budget)
+    try:
+        finished = trainer.run(resume=resume, budget_s=budget)
+    except Diverged as exc:
+        if trainer.rank.main:
+            print(diverged(exc, trainer, out), file=sys.stderr)
+        leave_distributed()
+        raise SystemExit(1) from None
     if not finished:
         print(
             f"stopped within the budget of {budget_minutes} min at step {trainer.done} of "
@@ -174,3 +182,30 @@ def run_and_save(
         print(f"wrote {out} (version {version[:12]}, {minutes:.1f} min)", file=sys.stderr)
     leave_distributed()
     return finished
+
+
+def diverged(exc: Diverged, trainer: Trainer, out: Path) -> str:
+    """What a run that met a non-finite loss says: where, what is kept, what to change."""
+    kept = (
+        f"the checkpoint of step {exc.checkpoint} is kept (--resume continues from it)"
+        if exc.checkpoint is not None
+        else "no checkpoint was saved before it (one is saved every --validate-every steps)"
+    )
+    stage = next((s for s in trainer.stages if s.name == exc.stage), None)
+    if isinstance(stage, MetaStage):
+        inner, clip = stage.learner.inner, stage.learner.inner.grad_clip
+        hints = [
+            f"--inner-grad-clip {DIVERGED_CLIP:g} (now {'none' if clip is None else f'{clip:g}'})"
+            if clip is None or clip > DIVERGED_CLIP
+            else f"a smaller --inner-grad-clip (now {clip:g})",
+            f"a lower --inner-lr (now {inner.lr:g})",
+            f"a lower --meta-lr (now {stage.cfg.meta_lr:g})",
+        ]
+    else:
+        hints = [f"a lower learning rate for the {exc.stage} stage (see --help)"]
+    where = f" (its {exc.stage} stage)" if len(trainer.stages) > 1 else ""
+    return (
+        f"meta-training diverged at step {exc.step} of {trainer.total}{where}: {exc.what}.\n"
+        f"It stopped there and wrote no artifact to {out}; {kept}.\n"
+        f"Train again with smaller steps: {', or '.join(hints)}."
+    )

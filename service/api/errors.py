@@ -77,7 +77,13 @@ async def _http(request: Request, exc: HTTPException) -> JSONResponse:
     if exc.status_code == 400:  # FastAPI could not read the body as JSON: 422, as for bad JSON
         return _respond(request, 422, InvalidInput.type, _unreadable(exc.__cause__))
     type_ = HTTP_TYPES.get(exc.status_code, "http_error")
-    return _respond(request, exc.status_code, type_, str(exc.detail), exc.headers)
+    message = str(exc.detail)
+    if exc.status_code == 404:  # no route matched (the routes raise NotFound themselves)
+        path = request.url.path
+        message = f"no route for {request.method} {path}"
+        if path.endswith("/") and path != "/":
+            message += ": paths take no trailing slash"
+    return _respond(request, exc.status_code, type_, message, exc.headers)
 
 
 async def _internal(request: Request, exc: Exception) -> JSONResponse:

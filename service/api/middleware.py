@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import json
 
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.observe import request_id_of
@@ -85,14 +85,19 @@ class BodyLimit:
 async def _answer(scope: Scope, send: Send, error: FastAdaptError) -> None:
     """The error, with ``Connection: close``: the rest of the body may still be on its way
     (unread), so the connection cannot carry another request; the server closes it."""
-    body = json.dumps(error_body(error.type, error.message, request_id_of(scope))).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", b"%d" % len(body)),
-        (b"connection", b"close"),
-    ]
-    await send({"type": "http.response.start", "status": status_of(error), "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    response = JSONResponse(  # rendered as every other error body is
+        error_body(error.type, error.message, request_id_of(scope)),
+        status_code=status_of(error),
+        headers={"connection": "close"},
+    )
+    await send(
+        {
+            "type": "http.response.start",
+            "status": response.status_code,
+            "headers": response.raw_headers,
+        }
+    )
+    await send({"type": "http.response.body", "body": response.body})
 
 
 def _within(declared: bytes, max_bytes: int) -> bool:

@@ -116,9 +116,9 @@ class ModelRegistry:
                 model = MetaModel.from_bytes(
                     row.config, row.weights, expected_sha=sha, source=f"meta-model {sha[:12]}"
                 )
-            except ValueError as exc:  # a row that changed since it was registered
+            except ValueError as exc:  # a row changed since, or NaN weights registered before
                 log.error("meta-model version %s does not load: %s", sha[:12], exc)
-                raise FastAdaptError(f"meta-model version {sha[:12]} is corrupt") from None
+                raise FastAdaptError(f"meta-model version {sha[:12]} is corrupt: {exc}") from None
             self.loads += 1
             self._add(model, row.size_bytes)
         log.info("loaded meta-model %s@%s from the database", model.name, sha[:12])

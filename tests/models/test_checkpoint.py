@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from models import nets
-from models.checkpoint import CONFIG_FILE, ArtifactConfig, MetaModel
+from models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, ArtifactConfig, MetaModel
 from models.maml import ADDED_LATER, InnerLoopConfig, Learner, mse_loss
+from tests.diverged import write_diverged
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "models" / "artifacts"
 
@@ -89,3 +90,24 @@ def test_a_config_built_in_code_is_completed_and_saved_complete(tmp_path: Path) 
     assert back.config == config
     for name, tensor in params.items():
         assert torch.equal(back.params[name], tensor)
+
+
+def test_weights_that_are_not_finite_are_neither_written_nor_loaded(tmp_path: Path) -> None:
+    """Issue 20: a diverged training wrote an artifact of NaN weights that every command
+    then took. Saving refuses them (nothing written), and so does every load (a directory,
+    a database row, an upload: all go through ``from_bytes``), naming what is not finite."""
+    model = MetaModel.load(ARTIFACTS / "sinusoid")
+    broken = {**model.params, "head.bias": torch.full_like(model.params["head.bias"], torch.inf)}
+    with pytest.raises(
+        ValueError, match=r"not written: .*in 1 of 12 tensors \(head\.bias\).*diverged"
+    ):
+        MetaModel(model.config, broken, model.lrs, version="").save(tmp_path / "inf")
+    assert not (tmp_path / "inf" / WEIGHTS_FILE).exists()
+    lrs = {n: t * float("nan") for n, t in model.lrs.items()}
+    with pytest.raises(ValueError, match=r"NaN or infinity in 6 of 12 tensors \(inner_lr\."):
+        MetaModel(model.config, model.params, lrs, version="").save(tmp_path / "rates")
+
+    write_diverged(ARTIFACTS / "sinusoid", tmp_path / "nan")
+    expected = f"{tmp_path / 'nan'}: weights.safetensors holds NaN or infinity in 6 of 12 tensors"
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}"):
+        MetaModel.load(tmp_path / "nan")

@@ -16,7 +16,9 @@ from models.maml import InnerLoopConfig, Learner, mse_loss
 from models.nets import MLP
 from models.params import Params
 from models.tasks import Episode, sinusoid
+from models.train import state
 from models.train.loop import (
+    Diverged,
     MetaStage,
     MetaTrainConfig,
     Selection,
@@ -138,6 +140,49 @@ def test_ships_the_best_validated_weights(tmp_path: Path) -> None:
     assert not torch.equal(best["head.weight"], selecting.detached()[0]["head.weight"])
     assert Selection("acc", maximize=True).better(0.9, 0.8)
     assert not Selection("mse").better(float("nan"), None)
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_finite_checkpoint(
+    tmp_path: Path,
+) -> None:
+    """Issue 20: a run that went to NaN kept training on NaN and shipped NaN weights. It
+    stops at the first non-finite meta-loss, before stepping on it; the checkpoint on disk
+    is the last report's, finite, and no later one is written."""
+    plain = stage(trainer(tmp_path))
+    calls = 0
+
+    def sample(g: torch.Generator) -> Episode:  # the 7th meta-batch holds a NaN target
+        nonlocal calls
+        calls += 1
+        ep = plain.sample(g)
+        if calls == 7:
+            ep.ys[0, 0, 0] = float("nan")
+        return ep
+
+    meta = MetaStage(plain.learner, plain.params, replace(plain.cfg, validate_every=3), sample)
+    with pytest.raises(Diverged) as stopped:
+        Trainer([meta], tmp_path).run()
+    assert (stopped.value.step, stopped.value.checkpoint) == (7, 6)
+    assert "meta-loss is nan" in str(stopped.value)
+    for name, value in meta.detached()[0].items():
+        assert torch.isfinite(value).all(), name  # the weights were not stepped on it
+    found = state.load(tmp_path)
+    assert found is not None and found[1]["done"] == 6
+    assert all(torch.isfinite(t).all() for t in found[0].values() if t.is_floating_point())
+
+
+def test_a_non_finite_meta_gradient_stops_training_before_the_step(tmp_path: Path) -> None:
+    """A finite loss whose meta-gradient is not (an overflow in the backward pass) would
+    step the weights to NaN unseen and checkpoint them: it stops training too."""
+    plain = stage(trainer(tmp_path))
+    meta = MetaStage(plain.learner, plain.params, plain.cfg, plain.sample)
+    before = {n: t.clone() for n, t in meta.detached()[0].items()}
+    meta.params["head.bias"].register_hook(lambda g: torch.full_like(g, float("inf")))
+    with pytest.raises(Diverged, match="meta-gradient is not finite") as stopped:
+        Trainer([meta], tmp_path).run()
+    assert (stopped.value.step, stopped.value.checkpoint) == (1, None)
+    for name, value in meta.detached()[0].items():
+        assert torch.equal(value, before[name]), name  # not stepped
 
 
 def test_anil_runs_the_body_once_with_the_same_losses_and_gradients() -> None:

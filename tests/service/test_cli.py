@@ -4,12 +4,14 @@ per registered family, the same flags where they mean the same thing, every defa
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
 from models import evaluate, train
 from models.tasks import command_parser, families
 from service import cli
+from tests.diverged import write_diverged
 
 FAMILIES = list(families())
 COMMANDS = {"train": train, "eval": evaluate}
@@ -110,3 +112,15 @@ def test_the_common_flags_mean_the_same_for_every_family() -> None:
             if flag in a.option_strings
         }
         assert len(kinds) == 1, (flag, kinds)
+
+
+def test_eval_refuses_an_artifact_of_nan_weights_with_the_reason(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    """Issue 20: `fastadapt eval` printed "nan ± nan" for a diverged artifact."""
+    write_diverged(models_dir / "sinusoid", tmp_path / "diverged")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["eval", "sinusoid", "--artifact", str(tmp_path / "diverged"), "--tasks", "2"])
+    message = str(exit_.value.code)
+    assert message.startswith(f"fastadapt eval: cannot load {tmp_path / 'diverged'}: "), message
+    assert "NaN or infinity" in message and "diverged" in message

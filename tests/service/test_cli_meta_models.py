@@ -12,6 +12,7 @@ from service import cli
 from service.settings import Settings
 from service.store.session import connect, session_factory
 from service.usecases.registry import ModelRegistry
+from tests.diverged import write_diverged
 from tests.service.registry_helpers import perturbed
 from tests.service.store_fixtures import BACKENDS
 
@@ -92,6 +93,11 @@ def test_refusals(database: str, run: Run, models_dir: Path, tmp_path: Path) -> 
     (broken / "weights.sha256").write_text("0" * 64 + "\n")
     code, _, err = run("register", str(broken))
     assert code == 1 and "sha256" in err
+    write_diverged(models_dir / "sinusoid", tmp_path / "diverged")  # issue 20: NaN weights
+    code, out, err = run("register", str(tmp_path / "diverged"))
+    assert code == 1 and not out
+    assert f"cannot load {tmp_path / 'diverged'}" in err and "NaN or infinity" in err, err
+    assert "its meta-training diverged" in err
     assert run("register", str(models_dir / "sinusoid"))[0] == 0
     code, _, err = run("promote", "sinusoid", "0" * 64)
     assert code == 1 and "no registered version" in err

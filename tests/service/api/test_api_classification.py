@@ -166,6 +166,31 @@ def test_tabular_classification_with_labels(api: TestClient) -> None:
     assert [p["label"] for p in answer.json()["predictions"]] == ["low", "high"]
 
 
+@pytest.mark.parametrize(
+    ("meta_model", "inputs"),
+    [
+        ("glyphs", [png(glyph(k)) for k in "hvd"]),
+        ("blobs", [[-2.0, -2.0], [-2.2, -1.8], [2.0, 2.0]]),
+    ],
+)
+def test_a_support_set_of_one_class_is_refused(
+    api: TestClient, meta_model: str, inputs: list[Any]
+) -> None:
+    """Issue 20: a classifier adapted to one class answers that label with probability 1
+    whatever it is shown; every classification family refuses it, naming the field."""
+    for targets in (["cat"] * len(inputs), [7] * len(inputs)):
+        body = {"meta_model": meta_model, "support": {"inputs": inputs, "targets": targets}}
+        response = adapt(api, "gil", body)
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["type"] == "invalid_input"
+        assert error["message"].startswith("support.targets: 1 distinct label"), error
+        assert "at least 2 classes" in error["message"]
+    assert api.get("/v1/clients/gil").status_code == 404  # nothing was stored
+    two = {"inputs": inputs, "targets": ["cat", "dog", "cat"]}
+    assert adapt(api, "gil", {"meta_model": meta_model, "support": two}).status_code == 201
+
+
 def header_only_png(width: int, height: int) -> str:
     """A PNG that claims a huge canvas and holds no pixels: a decompression bomb's header."""
 

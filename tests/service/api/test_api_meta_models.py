@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from models.checkpoint import MetaModel
 from service import usecases
+from tests.diverged import write_diverged
 from tests.service.registry_helpers import perturbed, same_bits
 
 XS = [[-4.0], [-2.5], [-1.0], [0.0], [1.5], [3.0]]
@@ -155,6 +156,15 @@ def test_an_enabled_upload_checks_everything_and_registers(
     body["sha256"] = hashlib.sha256(pickled).hexdigest()
     response = api.post("/v1/meta-models", json=body)
     assert response.status_code == 422 and "safetensors" in response.json()["error"]["message"]
+
+    write_diverged(models_dir / "sinusoid", tmp_path / "diverged")  # issue 20: NaN weights
+    nan = (tmp_path / "diverged" / "weights.safetensors").read_bytes()
+    body = upload_body(newer, weights=base64.b64encode(nan).decode())
+    body["sha256"] = hashlib.sha256(nan).hexdigest()
+    response = api.post("/v1/meta-models", json=body)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["message"].startswith("weights: upload: ")
+    assert "NaN or infinity" in response.json()["error"]["message"]
 
     created = api.post("/v1/meta-models", json=upload_body(newer, promote=True))
     assert created.status_code == 201, created.text

@@ -17,10 +17,12 @@ from models.checkpoint import MetaModel
 from service.engine import Engine
 from service.errors import FastAdaptError, InvalidInput, NotFound
 from service.settings import Settings
+from service.store import registry as store
 from service.store.session import connect, session_factory
-from service.store.tables import MetaModelVersion
+from service.store.tables import MetaModelVersion, utcnow
 from service.usecases import meta_models
 from service.usecases.registry import ModelRegistry
+from tests.diverged import write_diverged
 from tests.service.registry_helpers import perturbed
 from tests.service.store_fixtures import BACKENDS
 
@@ -174,6 +176,31 @@ def test_every_load_checks_the_sha256(
         registry(tmp_path).version(session, newer.version)
     with pytest.raises(NotFound, match="not registered"):
         registry(tmp_path).version(session, "e" * 64)
+
+
+def test_weights_that_are_not_finite_are_never_registered_nor_loaded(
+    session: Session, models_dir: Path, tmp_path: Path
+) -> None:
+    """Issue 20: a diverged training's artifact (NaN weights) was registered, promoted and
+    served. Shipped, it stops the start-up, naming it; a version registered before that
+    was checked (its row NaN) does not load, and the error says why."""
+    root = tmp_path / "shipped"
+    sha = write_diverged(models_dir / "sinusoid", root / "sinusoid")
+    with pytest.raises(ValueError, match=f"^{root / 'sinusoid'}: .*NaN or infinity"):
+        meta_models.register_shipped(session=session, registry=registry(tmp_path), directory=root)
+    assert store.get_version(session=session, sha=sha) is None
+    nan = root / "sinusoid"
+    store.add_version(
+        session=session,
+        sha=sha,
+        name="sinusoid",
+        config=(nan / "config.json").read_text(),
+        weights=(nan / "weights.safetensors").read_bytes(),
+        source="cli:registered before issue 20",
+        at=utcnow(),
+    )
+    with pytest.raises(FastAdaptError, match=f"{sha[:12]} is corrupt: .*NaN or infinity"):
+        registry(tmp_path).version(session, sha)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
