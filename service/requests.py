@@ -327,6 +327,8 @@ def _targets(
     labels = list(index)
     if len({str(label) for label in labels}) != len(labels):
         raise InvalidInput(field, 'labels that read the same as text (e.g. 1 and "1") clash')
+    if len(labels) < 2:
+        raise InvalidInput(field, "a single label; a classifier needs at least 2 to tell apart")
     max_way = int(model.config.task.get("max_way", 0))
     if len(labels) > max_way:
         raise InvalidInput(
