@@ -18,6 +18,7 @@ from models.checkpoint import MetaModel
 from models.encoder import EncoderSpec, shared
 from models.tasks.text import in_scope
 from service import usecases
+from tests.service.api import test_observability as observed
 from tests.service.conftest import ApiFactory
 from tests.service.text_fixtures import EXPECTED, INTENTS, LABELS, QUERIES, TEXTS, adaptation
 
@@ -291,3 +292,19 @@ def test_idempotent_retries_and_tenants_hold_for_text_clients(
     mine = api.post(PREDICT, json=query, headers=keys["acme"]).json()["predictions"][0]
     other = api.post(PREDICT, json=query, headers=keys["globex"]).json()["predictions"][0]
     assert (mine["label"], other["label"]) == ("flight", "balance")  # each its own labels
+
+
+def test_metrics_count_encoder_passes_and_embedding_cache_hits(text_api: TestClient) -> None:
+    created(text_api.post(ADAPT, json=adaptation()))  # 9 new texts: one pass
+    predictions(text_api, [TEXTS[0], QUERIES[0]])  # one seen, one new: a pass of one text
+    predictions(text_api, [QUERIES[0]])  # all seen: no pass
+    _, samples = observed.scrape(text_api)
+    assert observed.value(samples, "fastadapt_encoder_passes_total") == 2
+    assert observed.value(samples, "fastadapt_encoder_texts_total") == len(TEXTS) + 1
+    assert observed.value(samples, "fastadapt_embedding_cache_hits_total") == 2
+    assert observed.value(samples, "fastadapt_embedding_cache_misses_total") == len(TEXTS) + 1
+    assert observed.value(samples, "fastadapt_embedding_cache_entries") == len(TEXTS) + 1
+    assert observed.value(samples, "fastadapt_embedding_cache_bytes") > (len(TEXTS) + 1) * 384 * 4
+    assert observed.value(samples, "fastadapt_engine_batch_size_count", kind="encode") == 2
+    stats = text_api.get("/v1/engine/stats").json()
+    assert stats["predict"]["jobs"] == 2  # an encode pass is not counted as a prediction
