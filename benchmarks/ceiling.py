@@ -55,6 +55,7 @@ def create_app() -> FastAPI:
             labels=None,
             origin="adapt",
             source_version=None,
+            out_of_scope_threshold=None,
         )
 
     @app.post("/v1/clients/{client_id}/predictions")

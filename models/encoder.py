@@ -72,8 +72,16 @@ class EncoderMismatch(ValueError):
 
 
 def _file_sha256(path: Path) -> str:
+    stat = path.stat()
+    return _sha256_of(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    """The file's sha256, computed once per process while its size and mtime stay (every
+    registration and load of a text meta-model checks the installed weights: 90 MB)."""
     digest = hashlib.sha256()
-    with path.open("rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -109,10 +117,22 @@ def check(spec: EncoderSpec, version: str, sha: str) -> None:
         raise EncoderMismatch(f"encoder {spec.package}: " + "; ".join(differs))
 
 
-@functools.cache
+def verify(spec: EncoderSpec) -> str:
+    """The installed weights' sha256 when the installed encoder is the one ``spec`` pins,
+    else ``EncoderMismatch`` naming what differs (or is missing). Loads nothing."""
+    _, version, sha = installed(spec)
+    check(spec, version, sha)
+    return sha
+
+
 def shared(spec: EncoderSpec, device: str, half: bool = False) -> SentenceEncoder:
     """One loaded encoder per spec, device and precision in a process (its weights are
     read-only: engines, evaluations and tests share it)."""
+    return _shared(spec, str(device), bool(half))  # one key, however the call spells it
+
+
+@functools.cache
+def _shared(spec: EncoderSpec, device: str, half: bool) -> SentenceEncoder:
     encoder = SentenceEncoder(spec, device)
     return encoder.to_half() if half else encoder
 

@@ -50,6 +50,8 @@ class Adaptation:
     support_size: int  # K
     # what was accepted outside the meta-model's trained_for (FASTADAPT_ALLOW_UNTRAINED)
     warnings: tuple[str, ...] = ()
+    # the in-scope score below which predictions answer no label (None: the meta-model's)
+    out_of_scope_threshold: float | None = None
 
 
 def adaptation(
@@ -60,11 +62,13 @@ def adaptation(
     targets: Sequence[RawTarget],
     inner_steps: int | None = None,
     inner_lr: float | None = None,
+    out_of_scope_threshold: float | None = None,
 ) -> Adaptation:
     """Validate an adaptation of ``model`` (the version resolved by the caller: the
     promoted one of the requested name) to the support set (inputs, targets)."""
     _support_size(inputs, targets, settings)
     steps, lr = _inner(model, inner_steps, inner_lr, settings)
+    threshold = out_of_scope(model, out_of_scope_threshold)
     x = model_inputs(model, inputs, field="support.inputs", settings=settings)
     y, labels = _targets(model, targets)
     warnings = untrained(model, y, steps, settings)  # y: class indices for classification
@@ -77,6 +81,7 @@ def adaptation(
         support_targets=json.dumps(targets, separators=(",", ":")),
         support_size=len(inputs),
         warnings=warnings,
+        out_of_scope_threshold=threshold,
     )
 
 
@@ -102,6 +107,21 @@ def known_meta_model(meta_models: MetaModels, name: str) -> MetaModel:
 def unknown_meta_model(name: str, known: Iterable[str]) -> InvalidInput:
     names = ", ".join(sorted(known)) or "none registered"
     return InvalidInput("meta_model", f"unknown meta-model {name!r} (known: {names})")
+
+
+def out_of_scope(
+    model: MetaModel, threshold: float | None, *, field: str = "out_of_scope_threshold"
+) -> float | None:
+    """A threshold of the in-scope score that a request sets (0 to 1: the wire schema
+    checks the range): only a meta-model whose predictions have that score (text ones)
+    takes one."""
+    if threshold is not None and model.in_scope is None:
+        raise InvalidInput(
+            field,
+            f"meta-model {model.name!r} has no in-scope score (its predictions always "
+            "answer a label); leave it out",
+        )
+    return threshold
 
 
 def prediction_size(inputs: Sized, settings: Settings, field: str) -> None:

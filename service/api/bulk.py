@@ -57,7 +57,10 @@ def predict_batch(
         session=session,
         runtime=runtime,
         tenant_id=tenant_id,
-        items=[PredictItem(r.client_id, r.inputs, r.version) for r in body.requests],
+        items=[
+            PredictItem(r.client_id, r.inputs, r.version, r.out_of_scope_threshold)
+            for r in body.requests
+        ],
     )
     return BulkPredictionResponse(
         results=[
@@ -115,6 +118,7 @@ def adapt_batch(
                 a.support.targets,
                 a.inner_steps,
                 a.inner_lr,
+                a.out_of_scope_threshold,
             )
             for a in body.adaptations
         ],

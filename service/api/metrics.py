@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # an adaptation batch: 1 ms (a few steps of a small MLP) to a minute (big image batches)
 ADAPT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0)
-KINDS = ("adapt", "predict")
+KINDS = ("adapt", "predict", "encode")
 
 
 class Metrics:
@@ -167,7 +167,8 @@ class EngineCollector(Collector):
         )
         sizes = HistogramMetricFamily(
             "fastadapt_engine_batch_size",
-            "Jobs per batch run on the device, by kind (adapt, predict).",
+            "Jobs per batch run on the device, by kind (adapt, predict, encode: the texts of "
+            "that many adaptations and predictions in one encoder pass).",
             labels=["kind"],
         )
         bounds = _powers_of_two(engine.config.max_batch_size)
@@ -194,6 +195,31 @@ class EngineCollector(Collector):
         )
         yield GaugeMetricFamily(
             "fastadapt_cache_entries", "Client versions cached now.", cache.entries
+        )
+        texts = stats.texts
+        yield CounterMetricFamily(
+            "fastadapt_encoder_passes",
+            "Encoder passes run on the device (text meta-models).",
+            texts.passes,
+        )
+        yield CounterMetricFamily(
+            "fastadapt_encoder_texts",
+            "Texts encoded by those passes (each distinct text not cached, once).",
+            texts.encoded,
+        )
+        yield CounterMetricFamily(
+            "fastadapt_embedding_cache_hits", "Texts whose embedding was cached.", texts.hits
+        )
+        yield CounterMetricFamily(
+            "fastadapt_embedding_cache_misses",
+            "Texts looked up and not cached (encoded, unless a pass found them later).",
+            texts.misses,
+        )
+        yield GaugeMetricFamily(
+            "fastadapt_embedding_cache_bytes", "Bytes of text embeddings cached now.", texts.bytes
+        )
+        yield GaugeMetricFamily(
+            "fastadapt_embedding_cache_entries", "Text embeddings cached now.", texts.entries
         )
         commits = runtime.commits
         yield CounterMetricFamily(

@@ -152,6 +152,7 @@ def adapt(
             targets=body.support.targets,
             inner_steps=body.inner_steps,
             inner_lr=body.inner_lr,
+            out_of_scope_threshold=body.out_of_scope_threshold,
             idempotency=key,
         ),
     )
@@ -190,6 +191,7 @@ def readapt(
             version=request.version,
             inner_steps=request.inner_steps,
             inner_lr=request.inner_lr,
+            out_of_scope_threshold=request.out_of_scope_threshold,
             idempotency=key,
         ),
     )
@@ -231,8 +233,16 @@ async def predict(
     runtime: RuntimeDep,
     tenant_id: TenantDep,
 ) -> Response:
-    """Predictions of the current version, or of ``version``."""
-    query = usecases.predict.Query(tenant_id, client_id, body.inputs, body.version)
+    """Predictions of the current version, or of ``version``: for classification a label
+    and probabilities per input, and for text meta-models an in-scope score, the label
+    null below the out-of-scope threshold."""
+    query = usecases.predict.Query(
+        tenant_id,
+        client_id,
+        body.inputs,
+        body.version,
+        out_of_scope_threshold=body.out_of_scope_threshold,
+    )
     return await predicted(runtime, sessions, query)
 
 

@@ -23,6 +23,13 @@ Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 # A number in a query string (the text "1.5" is fine there; "nan" and "inf" are not).
 QueryNumber = Annotated[float, Field(allow_inf_nan=False)]
 Count = Annotated[int, Field(strict=True)]
+# An in-scope score's threshold: a JSON number from 0 to 1.
+Threshold = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0.0, le=1.0)]
+THRESHOLD = (
+    "Text meta-models: the in-scope score (0 to 1) below which a prediction answers no "
+    "label (label null, the probabilities kept). Default: "
+)
+THRESHOLD_REFUSED = " Refused (422) for a meta-model without an in-scope score (not text)."
 
 
 def _input_kind(value: Any) -> str:
@@ -40,9 +47,10 @@ def _target_kind(value: Any) -> str:
 
 
 # One input: a row of D numbers, an array of the meta-model's (C, H, W) input shape, a
-# base64-encoded PNG/JPEG for image meta-models, or an object keyed by feature name for
-# meta-models that name their features (tabular). The tags only pick the branch whose
-# errors are reported; api/errors.py leaves them out of field names.
+# base64-encoded PNG/JPEG for image meta-models or a text for text meta-models, or an
+# object keyed by feature name for meta-models that name their features (tabular). The
+# tags only pick the branch whose errors are reported; api/errors.py leaves them out of
+# field names.
 Input = Annotated[
     Annotated[list[Number], Tag("row")]
     | Annotated[list[list[list[Number]]], Tag("array")]
@@ -62,6 +70,11 @@ Label = StrictInt | StrictStr
 MAX_VERSION = 2**31 - 1  # the INTEGER column's range
 ORIGIN = 'How the version was made: "adapt", "readapt", "examples", "rollback" or "reconcile".'
 SOURCE_VERSION = "The version a readapt, examples, rollback or reconcile started from; else null."
+STORED_THRESHOLD = (
+    "Text meta-models: the in-scope score below which this version's predictions answer "
+    "no label; null: its meta-model's default (readapt, examples, rollback and reconcile "
+    "keep it)."
+)
 VERSION_ID = "The version's identity: 32 hex digits, never reused (a client deleted and "
 VERSION_ID += "re-created starts at version 1 again, with new ids); predictions' ETag."
 
@@ -79,11 +92,16 @@ class Response(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
 
+INPUTS = (
+    "inputs: D numbers each, arrays of the input shape, base64 images, texts (text "
+    "meta-models: non-empty, at most FASTADAPT_MAX_TEXT_CHARS characters, default 2000, "
+    "else 422; the encoder reads the first 256 word pieces and truncates the rest), or "
+    "objects keyed by feature name (meta-models that list features)."
+)
+
+
 class SupportSet(Request):
-    inputs: list[Input] = Field(
-        description="(K, ...) inputs: D numbers each, arrays of the input shape, base64 "
-        "images, or objects keyed by feature name (meta-models that list features)."
-    )
+    inputs: list[Input] = Field(description="(K, ...) " + INPUTS)
     targets: list[Target] = Field(
         description="(K,) targets: numbers (regression) or labels, strings or integers."
     )
@@ -113,6 +131,11 @@ class AdaptRequest(Request):
         description="Default: the meta-model's; refused when its rates are learned (it adapts "
         "with the rates it meta-learned).",
     )
+    out_of_scope_threshold: Threshold | None = Field(
+        None,
+        description=THRESHOLD + "the meta-model's. Stored with the version; a prediction "
+        "request may override it." + THRESHOLD_REFUSED,
+    )
 
 
 class ReadaptRequest(Request):
@@ -128,6 +151,9 @@ class ReadaptRequest(Request):
         None,
         description="Default: the meta-model's; refused when its rates are learned (it adapts "
         "with the rates it meta-learned).",
+    )
+    out_of_scope_threshold: Threshold | None = Field(
+        None, description=THRESHOLD + "the version's." + THRESHOLD_REFUSED
     )
 
 
@@ -153,21 +179,32 @@ class AdaptResponse(Response):
         description="What this version did outside what its meta-model was meta-trained for, "
         "or a support loss that rose; stored only where the settings allow it (empty: none).",
     )
+    out_of_scope_threshold: float | None = Field(None, description=STORED_THRESHOLD)
 
 
 class PredictionRequest(Request):
-    inputs: list[Input] = Field(
-        description="(Q, ...) inputs: D numbers each, arrays of the input shape, base64 "
-        "images, or objects keyed by feature name (meta-models that list features)."
-    )
+    inputs: list[Input] = Field(description="(Q, ...) " + INPUTS)
     version: Annotated[int, Field(strict=True, ge=1, le=MAX_VERSION)] | None = Field(
         None, description="Default: the current version."
+    )
+    out_of_scope_threshold: Threshold | None = Field(
+        None,
+        description=THRESHOLD + "the version's, else its meta-model's (0.5 unless its "
+        "config sets one). Applies to this request only." + THRESHOLD_REFUSED,
     )
 
 
 class ClassPrediction(Response):
-    label: Label
+    label: Label | None = Field(
+        description="The most probable of the client's labels; null when the in-scope "
+        "score is below the out-of-scope threshold (none of the client's labels)."
+    )
     probabilities: dict[str, float] = Field(description="Every label of the client: p.")
+    in_scope: float | None = Field(
+        None,
+        description="Text meta-models: how likely the input is one of the client's labels "
+        "at all (0 to 1); null for meta-models without an in-scope score.",
+    )
 
 
 class PredictionResponse(Response):
@@ -195,6 +232,7 @@ class VersionResponse(Response):
     warnings: list[str] = Field(
         default_factory=list, description="As in the adaptation's response (empty: none)."
     )
+    out_of_scope_threshold: float | None = Field(None, description=STORED_THRESHOLD)
     created_at: datetime
     origin: str = Field(description=ORIGIN)
     source_version: int | None = Field(description=SOURCE_VERSION)
@@ -351,6 +389,9 @@ class ExamplesRequest(Request):
     inner_steps: Count | None = Field(None, description="Default: the meta-model's.")
     inner_lr: Number | None = Field(
         None, description="Default: the meta-model's; not allowed when its rates are learned."
+    )
+    out_of_scope_threshold: Threshold | None = Field(
+        None, description=THRESHOLD + "the current version's." + THRESHOLD_REFUSED
     )
 
 

@@ -164,6 +164,7 @@ def add_examples(
             targets=body.targets,
             inner_steps=body.inner_steps,
             inner_lr=body.inner_lr,
+            out_of_scope_threshold=body.out_of_scope_threshold,
             idempotency=key,
         ),
     )

@@ -43,7 +43,7 @@ from service.engine.cache import CacheStats, FastParams, ParamsCache
 from service.engine.jobs import Adapted, AdaptJob, Key, NotCached, PredictJob
 from service.engine.observer import EngineObserver
 from service.engine.runner import AdaptWork, ModelRunner, PredictWork
-from service.engine.texts import EncodeWork, Texts, TextStage, is_texts
+from service.engine.texts import EmbeddingStats, EncodeWork, Texts, TextStage, is_texts
 from service.engine.worker import DeviceWorker, WorkerStats
 from service.errors import Unavailable
 
@@ -79,6 +79,7 @@ class EngineStats:
     queued: int  # jobs waiting now
     rejected: int  # submits refused because the queue was full
     expired: int  # jobs failed with DeadlineExceeded
+    texts: EmbeddingStats  # text meta-models' encode passes and embedding cache
 
 
 class Engine:
@@ -401,6 +402,7 @@ class Engine:
             queued=len(self.batcher),
             rejected=self.batcher.rejected,
             expired=self.batcher.expired,
+            texts=self.texts.stats(),
         )
 
     def _deadline(self) -> float:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple, TypeGuard
 
 import torch
@@ -36,11 +36,13 @@ def is_texts(inputs: object) -> TypeGuard[Texts]:
 
 @dataclass(frozen=True)
 class EmbeddingStats:
-    hits: int
-    misses: int
+    hits: int  # texts found in the cache (at submit or in the worker's pass)
+    misses: int  # texts not found there
     entries: int
     bytes: int
     capacity_bytes: int
+    passes: int = 0  # encode batches run on the device
+    encoded: int = 0  # texts those passes encoded (each distinct uncached text once)
 
 
 class EmbeddingCache:
@@ -59,7 +61,9 @@ class EmbeddingCache:
     def _size(text: str, vector: Tensor) -> int:
         return vector.numel() * vector.element_size() + len(text) + ENTRY_OVERHEAD
 
-    def get(self, sha: str, texts: Sequence[str]) -> list[Tensor | None]:
+    def get(self, sha: str, texts: Sequence[str], count: bool = True) -> list[Tensor | None]:
+        """Each text's embedding, or None; ``count``: as hits and misses (a job's texts
+        count once, when it is submitted, not again in the encode pass)."""
         found: list[Tensor | None] = []
         with self._lock:
             for text in texts:
@@ -67,9 +71,10 @@ class EmbeddingCache:
                 if vector is not None:
                     self._entries.move_to_end((sha, text))
                 found.append(vector)
-            hits = sum(v is not None for v in found)
-            self.hits += hits
-            self.misses += len(found) - hits
+            if count:
+                hits = sum(v is not None for v in found)
+                self.hits += hits
+                self.misses += len(found) - hits
         return found
 
     def put(self, sha: str, texts: Sequence[str], vectors: Tensor) -> None:
@@ -109,6 +114,8 @@ class TextStage:
         self.encoders: dict[str, SentenceEncoder] = {}  # by weights sha
         self._shas: dict[EncoderSpec, str] = {}
         self._lock = threading.Lock()
+        self.passes = 0  # encode batches run (on the device worker's thread only)
+        self.encoded = 0  # texts they encoded
 
     def prepare(self, spec: EncoderSpec) -> str:
         """Load the encoder ``spec`` pins, once (``EncoderMismatch`` if the installed one
@@ -133,22 +140,27 @@ class TextStage:
         """Each work's embeddings (N_i, D), encoding every distinct uncached text of the
         batch in one pass. On the device worker's thread."""
         out: list[Tensor] = []
+        self.passes += 1
         by_sha: dict[str, list[int]] = {}
         for i, work in enumerate(works):
             by_sha.setdefault(work.sha, []).append(i)
         results: dict[int, Tensor] = {}
         for sha, members in by_sha.items():
             texts = [t for i in members for t in works[i].texts]
-            found = dict(zip(texts, self.cache.get(sha, texts), strict=True))
+            found = dict(zip(texts, self.cache.get(sha, texts, count=False), strict=True))
             missing = sorted({t for t, v in found.items() if v is None})
             if missing:
                 vectors = self.encoders[sha].encode(missing)  # (M, D) on the CPU
+                self.encoded += len(missing)
                 self.cache.put(sha, missing, vectors)
                 found.update(zip(missing, vectors, strict=True))
             for i in members:
                 results[i] = torch.stack([found[t] for t in works[i].texts])  # type: ignore[misc]
         out = [results[i] for i in range(len(works))]
         return out
+
+    def stats(self) -> EmbeddingStats:
+        return replace(self.cache.stats(), passes=self.passes, encoded=self.encoded)
 
     def warm_up(self) -> None:
         for encoder in list(self.encoders.values()):

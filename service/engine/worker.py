@@ -69,7 +69,7 @@ class WorkerStats:
     failed_jobs: int = 0  # jobs whose run raised (after a retry alone)
     largest_batch: int = 0
     restarts: int = 0  # times the worker's thread died and a new one took over
-    # kind ("adapt", "predict") -> size -> batches of that size
+    # kind ("adapt", "predict", "encode") -> size (jobs) -> batches of that size
     batch_sizes: dict[str, dict[int, int]] = field(default_factory=dict)
 
 
@@ -259,7 +259,7 @@ class DeviceWorker:
         if kind == "adapt":
             stats.adapt_batches += 1
             stats.adapt_jobs += size
-        else:
+        elif kind == "predict":  # not "encode" (texts' passes: counted by their stage)
             stats.predict_batches += 1
             stats.predict_jobs += size
         if size > stats.largest_batch:

@@ -322,20 +322,23 @@ def append_if_current(
 
 def support_set(
     *, session: Session, tenant_id: str, client_id: str, version: int
-) -> tuple[str, str, str] | None:
-    """``(meta_model_version, support_inputs, support_targets)`` of one version, in one
-    query (JSON text as the client sent it)."""
+) -> tuple[str, str, str, float | None] | None:
+    """``(meta_model_version, support_inputs, support_targets, out_of_scope_threshold)``
+    of one version, in one query (JSON text as the client sent it)."""
     stmt = select(
         ClientVersion.meta_model_version,
         ClientVersion.support_inputs,
         ClientVersion.support_targets,
+        ClientVersion.out_of_scope_threshold,
     ).where(
         ClientVersion.tenant_id == tenant_id,
         ClientVersion.client_id == client_id,
         ClientVersion.version == version,
     )
     found = session.execute(stmt).first()
-    return None if found is None else (str(found[0]), str(found[1]), str(found[2]))
+    if found is None:
+        return None
+    return str(found[0]), str(found[1]), str(found[2]), found[3]
 
 
 def count_items(*, session: Session, job_id: str) -> dict[str, int]:

@@ -190,6 +190,7 @@ class Predictable:
     uid: str
     meta_model_version: str  # the meta-model version's sha
     labels: list[int | str] | None
+    out_of_scope_threshold: float | None = None  # None: the meta-model's default
 
 
 PREDICTABLE = (
@@ -197,13 +198,14 @@ PREDICTABLE = (
     ClientVersion.uid,
     ClientVersion.meta_model_version,
     ClientVersion.labels,
+    ClientVersion.out_of_scope_threshold,
 )
 
 
 def get_predictable(
     *, session: Session, tenant_id: str, client_id: str, version: int | None = None
 ) -> Predictable | None:
-    """The current version (or ``version``) as a prediction needs it: one query of four
+    """The current version (or ``version``) as a prediction needs it: one query of five
     columns, read as plain rows (no ORM objects), the hot path of every prediction.
     It sees the newest commit of any replica; ``usecases.predict`` keeps what it reads
     only until the database changes (``store.rowcache``)."""
@@ -400,6 +402,7 @@ class VersionRef:
     uid: str
     meta_model_version: str
     labels: list[int | str] | None
+    out_of_scope_threshold: float | None = None  # None: the meta-model's default
 
 
 def versions_of(
@@ -429,14 +432,15 @@ def versions_of(
             ClientVersion.uid,
             ClientVersion.meta_model_version,
             ClientVersion.labels,
+            ClientVersion.out_of_scope_threshold,
             Client.current_version,
         )
         .join(Client)
         .where(ClientVersion.tenant_id == tenant_id, or_(*conditions))
     )
     found: dict[tuple[str, int | None], VersionRef] = {}
-    for client_id, version, uid, sha, labels, current_version in session.execute(stmt):
-        ref = VersionRef(client_id, version, uid, sha, labels)
+    for client_id, version, uid, sha, labels, threshold, current_version in session.execute(stmt):
+        ref = VersionRef(client_id, version, uid, sha, labels, threshold)
         found[(client_id, version)] = ref
         if version == current_version:
             found[(client_id, None)] = ref

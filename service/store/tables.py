@@ -134,6 +134,9 @@ class ClientVersion(Base):
     # guardrails (migration 0007): what the adaptation did outside what its meta-model was
     # trained for, or a support loss that rose, when settings allowed storing it anyway
     warnings: Mapped[list[str]] = mapped_column(JSON, default=list, server_default="[]")
+    # out of scope (migration 0010): the in-scope score below which this version's
+    # predictions answer no label; None: its meta-model's default (text meta-models only)
+    out_of_scope_threshold: Mapped[float | None] = mapped_column(Float, default=None)
 
     client: Mapped[Client] = relationship(back_populates="versions")
 

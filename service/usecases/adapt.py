@@ -32,6 +32,7 @@ def adapt(
     targets: Sequence[RawTarget],
     inner_steps: int | None = None,
     inner_lr: float | None = None,
+    out_of_scope_threshold: float | None = None,
     origin: str = "adapt",
     source_version: int | None = None,
     idempotency: IdempotencyKey | None = None,
@@ -39,7 +40,7 @@ def adapt(
     """Adapt the promoted version of the meta-model to the support set and store the
     result as the next version (made by ``origin``, from ``source_version``: see
     ``ClientVersion``; recording ``idempotency``'s key with it: see
-    ``usecases.idempotency``)."""
+    ``usecases.idempotency``), with its ``out_of_scope_threshold`` (text meta-models)."""
     row, adapted = adapted_version(
         runtime=runtime,
         model=promoted(session=session, runtime=runtime, name=meta_model),
@@ -49,6 +50,7 @@ def adapt(
         targets=targets,
         inner_steps=inner_steps,
         inner_lr=inner_lr,
+        out_of_scope_threshold=out_of_scope_threshold,
     )
     row.origin, row.source_version = origin, source_version
     stamp(row, idempotency)
@@ -81,18 +83,22 @@ def readapt(
     version: int | None = None,
     inner_steps: int | None = None,
     inner_lr: float | None = None,
+    out_of_scope_threshold: float | None = None,
     idempotency: IdempotencyKey | None = None,
 ) -> ClientVersion:
     """Adapt a stored version's support set again (the current version's by default) to
     the promoted version of the same meta-model name, with its inner-loop defaults unless
-    overridden; the result is the client's new version. After a new version is promoted,
-    this brings a client onto it without the client sending its data again."""
+    overridden, and its out-of-scope threshold unless one is given; the result is the
+    client's new version. After a new version is promoted, this brings a client onto it
+    without the client sending its data again."""
     row = repository.get_version(
         session=session, tenant_id=tenant_id, client_id=client_id, version=version
     )
     if row is None:
         raise missing(session=session, tenant_id=tenant_id, client_id=client_id, version=version)
     meta_model, source = row.meta_model, row.version
+    if out_of_scope_threshold is None:
+        out_of_scope_threshold = row.out_of_scope_threshold  # the version's, kept
     inputs = json.loads(row.support_inputs)  # as the client sent them: rows, arrays or images
     targets = json.loads(row.support_targets)
     session.close()  # nothing pending: adapt() appends the new version through the group commit
@@ -106,6 +112,7 @@ def readapt(
         targets=targets,
         inner_steps=inner_steps,
         inner_lr=inner_lr,
+        out_of_scope_threshold=out_of_scope_threshold,
         origin="readapt",
         source_version=source,
         idempotency=idempotency,
@@ -148,6 +155,7 @@ def adapted_version(
     targets: Sequence[RawTarget],
     inner_steps: int | None = None,
     inner_lr: float | None = None,
+    out_of_scope_threshold: float | None = None,
 ) -> tuple[ClientVersion, Adapted]:
     """Validate an adaptation of meta-model version ``model``, run it on the engine (no
     transaction open) and return the client's next version, not yet stored, with the
@@ -159,6 +167,7 @@ def adapted_version(
         targets=targets,
         inner_steps=inner_steps,
         inner_lr=inner_lr,
+        out_of_scope_threshold=out_of_scope_threshold,
     )
     adapted = runtime.wait(runtime.engine.submit_adapt(request.job))
     diverged = divergence(adapted, allow=runtime.settings.allow_divergent)
@@ -190,5 +199,6 @@ def version_row(
         adapt_ms=adapted.adapt_ms,
         labels=request.labels,
         warnings=list(request.warnings),  # what validation let through (allow_untrained)
+        out_of_scope_threshold=request.out_of_scope_threshold,
         created_at=utcnow(),
     )

@@ -43,6 +43,7 @@ class PredictItem:
     client_id: str
     inputs: Sequence[RawInput]
     version: int | None = None  # None: the current version
+    out_of_scope_threshold: float | None = None  # None: the version's (else its model's)
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class AdaptItem:
     targets: Sequence[RawTarget]
     inner_steps: int | None = None
     inner_lr: float | None = None
+    out_of_scope_threshold: float | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,7 @@ class _Pending:
     row: VersionRef
     model: MetaModel
     job: PredictJob
+    threshold: float  # the out-of-scope threshold its answer applies
     future: Future[list[list[float]]] | None = None
     miss: NotCached | None = None
 
@@ -165,9 +168,13 @@ def _validated(
             session=session, tenant_id=tenant_id, client_id=item.client_id, version=item.version
         )
     model = meta_model_of(session=session, runtime=runtime, sha=row.meta_model_version)
+    requested = requests.out_of_scope(
+        model, item.out_of_scope_threshold, field=f"requests[{index}].out_of_scope_threshold"
+    )
     x = requests.model_inputs(model, item.inputs, field=field, settings=runtime.settings)
     job = PredictJob(model.version, (tenant_id, item.client_id, row.uid), x, model=model)
-    return _Pending(index, item.client_id, row, model, job)
+    threshold = predict.out_of_scope_threshold(requested, row, model)
+    return _Pending(index, item.client_id, row, model, job, threshold)
 
 
 def _submit_all(
@@ -221,6 +228,8 @@ def _answer(p: _Pending, outputs: list[list[float]], *, field: str) -> Predictio
         labels=row.labels,
         temperature=p.model.temperature,
         field=field,
+        in_scope=p.model.in_scope,
+        threshold=p.threshold,
     )
 
 
@@ -258,6 +267,7 @@ def adapt_many(
                 targets=item.targets,
                 inner_steps=item.inner_steps,
                 inner_lr=item.inner_lr,
+                out_of_scope_threshold=item.out_of_scope_threshold,
             )
             submitted.append((i, request, runtime.engine.submit_adapt(request.job)))
         except FastAdaptError as error:

@@ -28,7 +28,7 @@ from models.checkpoint import ArtifactConfig, MetaModel, discover
 from service.errors import Conflict, InvalidInput, NotFound
 from service.store import registry as store
 from service.store.tables import utcnow
-from service.usecases.registry import ModelRegistry
+from service.usecases.registry import ModelRegistry, pinned_encoder
 
 log = logging.getLogger(__name__)
 SHA_PREFIX = re.compile(r"^[0-9a-f]{12,64}$")
@@ -118,11 +118,14 @@ def versions(*, session: Session, name: str | None = None) -> list[VersionInfo]:
 
 
 def check(model: MetaModel) -> None:
-    """What a registered version must be beyond a loadable artifact: of a known family."""
+    """What a registered version must be beyond a loadable artifact: of a known family,
+    and runnable here (a text meta-model's pinned encoder installed: else 422 naming
+    ``config.task.encoder`` and what differs)."""
     try:
         tasks.family(model.config.family)
     except KeyError as exc:
         raise InvalidInput("config.family", str(exc.args[0] if exc.args else exc)) from None
+    pinned_encoder(model)
 
 
 def register(
@@ -174,7 +177,11 @@ def register_shipped(
     shipped: list[MetaModel] = []
     for path in discover(directory):
         model = MetaModel.load(path)  # the sha256 file checked, safetensors only
-        check(model)
+        try:
+            check(model)
+        except InvalidInput as exc:  # the server refuses to start: say which artifact
+            log.error("shipped meta-model %s at %s cannot run: %s", model.name, path, exc.message)
+            raise
         if any(m.name == model.name for m in shipped):
             raise ValueError(f"two artifacts named {model.name!r} under {directory}")
         shipped.append(model)

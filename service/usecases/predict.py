@@ -16,14 +16,20 @@ from service.engine import NotCached, PredictJob
 from service.errors import Conflict, InvalidInput, NotFound, Unavailable
 from service.requests import Label, RawInput
 from service.store import repository
-from service.store.repository import Predictable
+from service.store.repository import Predictable, VersionRef
 from service.usecases.runtime import WAIT_GRACE_S, Runtime, missing, storing
+
+# the in-scope threshold of a meta-model whose config sets none (text meta-models)
+DEFAULT_OUT_OF_SCOPE_THRESHOLD = 0.5
 
 
 @dataclass(frozen=True)
 class LabelPrediction:
-    label: Label  # the most probable of the client's labels
+    # the most probable of the client's labels; None when the in-scope score is below the
+    # threshold (out of scope: none of the client's labels)
+    label: Label | None
     probabilities: dict[str, float]  # every label of the client (as text): p
+    in_scope: float | None = None  # the in-scope score (0 to 1); None: the model has none
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,7 @@ class Query:
     inputs: Sequence[RawInput]
     version: int | None = None  # None: the client's current version
     field: str = "inputs"  # the request's field holding the inputs (errors name it)
+    out_of_scope_threshold: float | None = None  # None: the version's (else its model's)
 
     @property
     def key(self) -> tuple[str, str, int | None]:
@@ -62,6 +69,8 @@ class Pending:
     labels: list[Label] | None
     temperature: float
     field: str
+    in_scope: tuple[float, float] | None = None  # the meta-model's (scale, bias), if any
+    threshold: float = DEFAULT_OUT_OF_SCOPE_THRESHOLD  # resolved: request, version, model
 
 
 @storing
@@ -109,7 +118,8 @@ def start_on_loop(*, runtime: Runtime, query: Query) -> Pending | None:
 
 
 def _job(runtime: Runtime, query: Query, row: Predictable, model: MetaModel) -> PredictJob:
-    """The engine's job: the inputs validated for the version's meta-model."""
+    """The engine's job: the inputs (and a threshold) validated for the version's meta-model."""
+    requests.out_of_scope(model, query.out_of_scope_threshold)
     x = requests.model_inputs(model, query.inputs, field=query.field, settings=runtime.settings)
     return PredictJob(model.version, (query.tenant_id, query.client_id, row.uid), x, model=model)
 
@@ -118,7 +128,31 @@ def _pending(
     future: Future[list[list[float]]], query: Query, row: Predictable, model: MetaModel
 ) -> Pending:
     labels, temperature = row.labels, model.temperature
-    return Pending(future, query.client_id, row.version, row.uid, labels, temperature, query.field)
+    threshold = out_of_scope_threshold(query.out_of_scope_threshold, row, model)
+    return Pending(
+        future,
+        query.client_id,
+        row.version,
+        row.uid,
+        labels,
+        temperature,
+        query.field,
+        model.in_scope,
+        threshold,
+    )
+
+
+def out_of_scope_threshold(
+    requested: float | None, row: Predictable | VersionRef, model: MetaModel
+) -> float:
+    """The threshold a prediction applies: the request's, else the version's, else the
+    meta-model's (its config's ``task.out_of_scope_threshold``, else 0.5)."""
+    if requested is not None:
+        return requested
+    if row.out_of_scope_threshold is not None:
+        return row.out_of_scope_threshold
+    default = model.config.task.get("out_of_scope_threshold", DEFAULT_OUT_OF_SCOPE_THRESHOLD)
+    return float(default)
 
 
 def predictable(
@@ -153,6 +187,8 @@ def finish(pending: Pending, outputs: list[list[float]]) -> Prediction:
         labels=pending.labels,
         temperature=pending.temperature,
         field=pending.field,
+        in_scope=pending.in_scope,
+        threshold=pending.threshold,
     )
 
 
@@ -165,13 +201,19 @@ def answer(
     labels: list[Label] | None,
     temperature: float,
     field: str,
+    in_scope: tuple[float, float] | None = None,
+    threshold: float = DEFAULT_OUT_OF_SCOPE_THRESHOLD,
 ) -> Prediction:
     """A client version's outputs (Q, O) as the API answers them: labels with calibrated
-    probabilities for classification, one float per input for a single output."""
+    probabilities (and the in-scope score, if the meta-model has one) for classification,
+    one float per input for a single output."""
     if not all(math.isfinite(v) for out in outputs for v in out):
         raise InvalidInput(field, "the predictions are not finite for these inputs")
     if labels is not None:
-        predictions = [classify(out, labels, temperature) for out in outputs]
+        predictions = [
+            classify(out, labels, temperature, in_scope=in_scope, threshold=threshold)
+            for out in outputs
+        ]
         return Prediction(client_id, version, uid, predictions)
     single = all(len(out) == 1 for out in outputs)
     flat = [out[0] for out in outputs] if single else outputs
@@ -202,10 +244,11 @@ def predict(
     inputs: Sequence[RawInput],
     version: int | None = None,
     field: str = "inputs",
+    out_of_scope_threshold: float | None = None,
 ) -> Prediction:
     """Predictions of one client version (the current one by default), waiting in this
     thread (the API awaits ``start``'s future on the event loop instead)."""
-    query = Query(tenant_id, client_id, inputs, version, field)
+    query = Query(tenant_id, client_id, inputs, version, field, out_of_scope_threshold)
     pending = start(session=session, runtime=runtime, query=query)
     return finish(pending, runtime.wait(pending.future))
 
@@ -224,12 +267,35 @@ def meta_model_of(*, session: Session, runtime: Runtime, sha: str) -> MetaModel:
         ) from None
 
 
-def classify(logits: list[float], labels: list[Label], temperature: float = 1.0) -> LabelPrediction:
+def classify(
+    logits: list[float],
+    labels: list[Label],
+    temperature: float = 1.0,
+    *,
+    in_scope: tuple[float, float] | None = None,
+    threshold: float = DEFAULT_OUT_OF_SCOPE_THRESHOLD,
+) -> LabelPrediction:
     """Softmax over the outputs the client's labels use (the first len(labels)), at the
-    meta-model's fitted temperature (models/calibration.py; 1 when none was fitted)."""
+    meta-model's fitted temperature (models/calibration.py; 1 when none was fitted).
+    With the meta-model's in-scope calibration (scale, bias), the in-scope score is
+    sigmoid(scale * the top raw logit + bias) (``in_scope`` in models/tasks/text.py), and
+    a score below ``threshold`` answers no label (the probabilities stay)."""
     used = logits[: len(labels)]
     top = max(used)
     weights = [math.exp((v - top) / temperature) for v in used]
     total = sum(weights)
     probabilities = {str(label): w / total for label, w in zip(labels, weights, strict=True)}
-    return LabelPrediction(labels[used.index(top)], probabilities)
+    label: Label | None = labels[used.index(top)]
+    if in_scope is None:
+        return LabelPrediction(label, probabilities)
+    scale, bias = in_scope
+    score = _sigmoid(scale * top + bias)
+    return LabelPrediction(None if score < threshold else label, probabilities, score)
+
+
+def _sigmoid(z: float) -> float:
+    """1 / (1 + e^-z) without overflow for any finite z."""
+    if z >= 0:
+        return 1.0 / (1.0 + math.exp(-z))
+    e = math.exp(z)
+    return e / (1.0 + e)

@@ -211,6 +211,7 @@ def run(*, session: Session, runtime: Runtime, worker: str, claim: Claim) -> str
             client_id=claim.client_id,
             inputs=inputs,
             targets=targets,
+            out_of_scope_threshold=source[3],  # the version's, kept
         )
     except Unavailable:
         jobs.release(session=session, worker=worker, keys=[claim.key])

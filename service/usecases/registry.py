@@ -25,8 +25,9 @@ from datetime import datetime
 from sqlalchemy.orm import Session
 
 from models.checkpoint import MetaModel
+from models.encoder import EncoderSpec, verify
 from service.engine import Engine
-from service.errors import FastAdaptError, NotFound
+from service.errors import Conflict, FastAdaptError, InvalidInput, NotFound
 from service.settings import Settings
 from service.store import registry as store
 
@@ -38,6 +39,20 @@ class Promotion:
     name: str
     sha: str  # the promoted version
     promoted_at: datetime
+
+
+def pinned_encoder(model: MetaModel) -> None:
+    """A meta-model that pins a sentence encoder (``config.task.encoder``: text ones) runs
+    only with that encoder installed: else ``InvalidInput`` naming the field and what
+    differs (version, weights' sha256) or is missing. Loads nothing (the weights' sha256
+    is computed once per process)."""
+    pinned = model.config.task.get("encoder")
+    if pinned is None:
+        return
+    try:
+        verify(EncoderSpec.from_dict(pinned))
+    except (ValueError, TypeError) as exc:  # EncoderMismatch is a ValueError
+        raise InvalidInput("config.task.encoder", str(exc)) from None
 
 
 class ModelRegistry:
@@ -119,6 +134,14 @@ class ModelRegistry:
             except ValueError as exc:  # a row changed since, or NaN weights registered before
                 log.error("meta-model version %s does not load: %s", sha[:12], exc)
                 raise FastAdaptError(f"meta-model version {sha[:12]} is corrupt: {exc}") from None
+            try:
+                pinned_encoder(model)
+            except InvalidInput as exc:  # registered by a server with another encoder
+                log.error("meta-model version %s does not load: %s", sha[:12], exc.message)
+                raise Conflict(
+                    f"meta-model version {sha[:12]} ({model.name}) cannot run on this "
+                    f"server: {exc.message}"
+                ) from None
             self.loads += 1
             self._add(model, row.size_bytes)
         log.info("loaded meta-model %s@%s from the database", model.name, sha[:12])

@@ -157,6 +157,7 @@ def rollback(
         adapt_ms=source.adapt_ms,
         labels=source.labels,
         warnings=list(source.warnings or []),  # what the source was stored despite, if any
+        out_of_scope_threshold=source.out_of_scope_threshold,
         created_at=utcnow(),
         origin="rollback",
         source_version=version,
@@ -193,6 +194,7 @@ def add_examples(
     targets: Sequence[RawTarget],
     inner_steps: int | None = None,
     inner_lr: float | None = None,
+    out_of_scope_threshold: float | None = None,
     idempotency: IdempotencyKey | None = None,
 ) -> ClientVersion:
     """The current support set plus these examples, adapted anew from the
@@ -200,7 +202,7 @@ def add_examples(
     the whole set, not a fine-tune of the current params), as the client's new version
     (origin "examples", from the current version). Validated as an adaptation is; the
     combined set is bounded by ``max_support``; the inner-loop settings are the
-    meta-model's defaults unless given."""
+    meta-model's defaults unless given, the out-of-scope threshold the current version's."""
     if not inputs:
         raise InvalidInput("inputs", "no examples to add")
     if len(targets) != len(inputs):
@@ -218,6 +220,8 @@ def add_examples(
             f"support points, over the limit of {limit}",
         )
     meta_model, source = current.meta_model, current.version
+    if out_of_scope_threshold is None:
+        out_of_scope_threshold = current.out_of_scope_threshold  # the version's, kept
     session.close()  # nothing pending: adapt() appends the new version through the group commit
     try:
         return adapt.adapt(
@@ -230,6 +234,7 @@ def add_examples(
             targets=[*stored_targets, *targets],
             inner_steps=inner_steps,
             inner_lr=inner_lr,
+            out_of_scope_threshold=out_of_scope_threshold,
             origin="examples",
             source_version=source,
             idempotency=idempotency,

@@ -1,10 +1,12 @@
 """Replicas on one PostgreSQL database: real ``fastadapt serve`` processes on their own
 ports (``tests.live``), a fresh schema of ``FASTADAPT_TEST_POSTGRES_URL``, a tiny sinusoid
-meta-model, keys required, and keys made directly in the database."""
+meta-model (and, for the pair up all session, the shipped ``intents`` text meta-model),
+keys required, and keys made directly in the database."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -16,6 +18,7 @@ from service.store.session import connect, session_factory
 from service.usecases import keys
 from tests.live import Replica, clean_env, start_all, stop_all
 from tests.service.store_fixtures import Databases
+from tests.service.text_fixtures import INTENTS
 from tests.service.tiny_models import meta_model
 
 POSTGRES_ENV = "FASTADAPT_TEST_POSTGRES_URL"
@@ -28,6 +31,7 @@ class Deployment(NamedTuple):
     key: str  # a client key of TENANT
     admin_key: str  # an admin key of TENANT
     tmp: Path
+    text_models_dir: Path  # "sinusoid" and the shipped text meta-model "intents"
 
     def env(self, **settings: str) -> dict[str, str]:
         """A replica's environment; ``settings`` override (auth_cache_s="0", ...)."""
@@ -68,17 +72,21 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         migrate.upgrade(url)
         tmp = tmp_path_factory.mktemp("replicas")
         meta_model("sinusoid").save(tmp / "models" / "sinusoid")
+        shutil.copytree(tmp / "models", tmp / "text-models")
+        shutil.copytree(INTENTS, tmp / "text-models" / "intents")
         _, key = create_key(url, "client")
         _, admin = create_key(url, "admin")
-        yield Deployment(url, tmp / "models", key, admin, tmp)
+        yield Deployment(url, tmp / "models", key, admin, tmp, tmp / "text-models")
     finally:
         databases.drop_all()
 
 
 @pytest.fixture(scope="session")
 def pair(deployment: Deployment) -> Iterator[tuple[Replica, Replica]]:
-    """Replicas A and B, up for the whole session."""
-    a, b = deployment.replica("a"), deployment.replica("b")
+    """Replicas A and B, up for the whole session, serving the text meta-model too (the
+    other replicas do not: each would load the sentence encoder)."""
+    models = str(deployment.text_models_dir)
+    a, b = deployment.replica("a", models_dir=models), deployment.replica("b", models_dir=models)
     try:
         start_all(a, b)
         yield a, b

@@ -4,6 +4,7 @@ API clients whose requests run inside a transaction that each test rolls back.""
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
@@ -26,6 +27,7 @@ from service.store import migrate
 from service.store.session import connect
 from tests.service.sgd_reference import Reference
 from tests.service.store_fixtures import BACKENDS, Databases
+from tests.service.text_fixtures import copy_intents
 
 torch.set_num_threads(1)
 
@@ -63,6 +65,16 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build_artifact(root, "sinusoid")
     build_artifact(root, "sinusoid-metasgd", learned_lr="per_param", seed=1)
     build_artifact(root, "plane", in_features=2, seed=2)
+    return root
+
+
+@pytest.fixture(scope="session")
+def text_models_dir(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Path:
+    """The shipped ``intents`` text meta-model (on the pinned encoder) beside the tiny
+    ``sinusoid`` (a meta-model without an in-scope score)."""
+    root = tmp_path_factory.mktemp("text-artifacts")
+    copy_intents(root / "intents")
+    shutil.copytree(models_dir / "sinusoid", root / "sinusoid")
     return root
 
 
@@ -163,3 +175,9 @@ def make_api(
 @pytest.fixture
 def api(make_api: ApiFactory) -> TestClient:
     return make_api()
+
+
+@pytest.fixture
+def text_api(make_api: ApiFactory, text_models_dir: Path) -> TestClient:
+    """An app serving ``intents`` and ``sinusoid`` (``text_models_dir``)."""
+    return make_api(models_dir=text_models_dir)

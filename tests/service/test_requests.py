@@ -119,6 +119,11 @@ def test_labels_become_class_indices_in_order_of_first_appearance(
             "support.targets: labels that read the same",
         ),
         (
+            {"meta_model": "classes", "inputs": [[0.0] * 4] * 2, "targets": ["a", "a"]},
+            InvalidInput,
+            "support.targets: a single label",
+        ),
+        (
             {"meta_model": "classes", "inputs": [[0.0] * 4] * 2, "targets": [1, 0.5]},
             InvalidInput,
             r"support.targets\[1\]: a class label",

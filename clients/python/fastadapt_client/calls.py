@@ -77,6 +77,7 @@ def adapt(
     images: Sequence[ImageInput] | None = None,
     inner_steps: int | None = None,
     inner_lr: float | None = None,
+    out_of_scope_threshold: float | None = None,
     idempotency_key: str | None = None,
 ) -> Call[AdaptResponse]:
     """``idempotency_key``: None makes a fresh one for this call (sent on every retry)."""
@@ -88,6 +89,7 @@ def adapt(
         ),
         inner_steps=inner_steps,
         inner_lr=inner_lr,
+        out_of_scope_threshold=out_of_scope_threshold,
     )
     path = f"{_client(client_id)}/adaptations"
     return Call("POST", path, _reader(AdaptResponse), _json(body), _keyed(idempotency_key))
@@ -99,8 +101,13 @@ def predict(
     inputs: Sequence[NumericInput] | Any | None = None,
     images: Sequence[ImageInput] | None = None,
     version: int | None = None,
+    out_of_scope_threshold: float | None = None,
 ) -> Call[PredictionResponse]:
-    body = PredictionRequest(inputs=wire_inputs(inputs, images, field="predict"), version=version)
+    body = PredictionRequest(
+        inputs=wire_inputs(inputs, images, field="predict"),
+        version=version,
+        out_of_scope_threshold=out_of_scope_threshold,
+    )
     return Call(
         "POST", f"{_client(client_id)}/predictions", _reader(PredictionResponse), _json(body)
     )
@@ -116,10 +123,16 @@ def readapt(
     version: int | None = None,
     inner_steps: int | None = None,
     inner_lr: float | None = None,
+    out_of_scope_threshold: float | None = None,
     idempotency_key: str | None = None,
 ) -> Call[AdaptResponse]:
     """``idempotency_key``: None makes a fresh one for this call (sent on every retry)."""
-    body = ReadaptRequest(version=version, inner_steps=inner_steps, inner_lr=inner_lr)
+    body = ReadaptRequest(
+        version=version,
+        inner_steps=inner_steps,
+        inner_lr=inner_lr,
+        out_of_scope_threshold=out_of_scope_threshold,
+    )
     path = f"{_client(client_id)}/readaptations"
     return Call("POST", path, _reader(AdaptResponse), _json(body), _keyed(idempotency_key))
 
@@ -157,12 +170,14 @@ def add_examples(
     images: Sequence[ImageInput] | None = None,
     inner_steps: int | None = None,
     inner_lr: float | None = None,
+    out_of_scope_threshold: float | None = None,
 ) -> Call[AdaptResponse]:
     body = ExamplesRequest(
         inputs=wire_inputs(inputs, images, field="examples"),
         targets=wire_targets(targets),
         inner_steps=inner_steps,
         inner_lr=inner_lr,
+        out_of_scope_threshold=out_of_scope_threshold,
     )
     return Call("POST", f"{_client(client_id)}/examples", _reader(AdaptResponse), _json(body))
 

@@ -183,13 +183,16 @@ class Client(_Base):
         images: Sequence[ImageInput] | None = None,
         inner_steps: int | None = None,
         inner_lr: float | None = None,
+        out_of_scope_threshold: float | None = None,
         idempotency_key: str | None = None,
     ) -> AdaptResponse:
-        """Adapt ``meta_model`` to a support set: ``inputs`` (rows or arrays of numbers) or
-        ``images`` (file paths or bytes), and ``targets`` (numbers, or string or integer
-        labels). The result is the client's new version. Sent with an ``Idempotency-Key``
-        (``idempotency_key``, or a fresh one per call), so retries after a lost connection
-        are safe: the server adapts once and answers every retry with that version."""
+        """Adapt ``meta_model`` to a support set: ``inputs`` (rows or arrays of numbers, or
+        texts for a text meta-model) or ``images`` (file paths or bytes), and ``targets``
+        (numbers, or string or integer labels); ``out_of_scope_threshold`` (text
+        meta-models) is stored with the version. The result is the client's new version.
+        Sent with an ``Idempotency-Key`` (``idempotency_key``, or a fresh one per call), so
+        retries after a lost connection are safe: the server adapts once and answers every
+        retry with that version."""
         return self.send(
             calls.adapt(
                 client_id,
@@ -199,6 +202,7 @@ class Client(_Base):
                 images=images,
                 inner_steps=inner_steps,
                 inner_lr=inner_lr,
+                out_of_scope_threshold=out_of_scope_threshold,
                 idempotency_key=idempotency_key,
             )
         )
@@ -210,9 +214,20 @@ class Client(_Base):
         inputs: Sequence[NumericInput] | Any | None = None,
         images: Sequence[ImageInput] | None = None,
         version: int | None = None,
+        out_of_scope_threshold: float | None = None,
     ) -> PredictionResponse:
-        """Predictions of the current version (or of ``version``) for numbers or images."""
-        return self.send(calls.predict(client_id, inputs=inputs, images=images, version=version))
+        """Predictions of the current version (or of ``version``) for numbers, images or
+        texts. Text meta-models answer an in-scope score per input, and no label (None)
+        below ``out_of_scope_threshold`` (default: the version's, else the meta-model's)."""
+        return self.send(
+            calls.predict(
+                client_id,
+                inputs=inputs,
+                images=images,
+                version=version,
+                out_of_scope_threshold=out_of_scope_threshold,
+            )
+        )
 
     def predict_batch(
         self, requests: Sequence[BulkPredictionItem | Mapping[str, Any]]
@@ -239,6 +254,7 @@ class Client(_Base):
         version: int | None = None,
         inner_steps: int | None = None,
         inner_lr: float | None = None,
+        out_of_scope_threshold: float | None = None,
         idempotency_key: str | None = None,
     ) -> AdaptResponse:
         """Adapt a stored support set (the current version's, or ``version``'s) again;
@@ -249,6 +265,7 @@ class Client(_Base):
                 version=version,
                 inner_steps=inner_steps,
                 inner_lr=inner_lr,
+                out_of_scope_threshold=out_of_scope_threshold,
                 idempotency_key=idempotency_key,
             )
         )
@@ -319,6 +336,7 @@ class Client(_Base):
         images: Sequence[ImageInput] | None = None,
         inner_steps: int | None = None,
         inner_lr: float | None = None,
+        out_of_scope_threshold: float | None = None,
     ) -> AdaptResponse:
         """Add examples to the current support set and adapt the whole set anew: the
         result is the client's new version. Never retried after a lost connection."""
@@ -330,6 +348,7 @@ class Client(_Base):
                 images=images,
                 inner_steps=inner_steps,
                 inner_lr=inner_lr,
+                out_of_scope_threshold=out_of_scope_threshold,
             )
         )
 
@@ -413,6 +432,7 @@ class AsyncClient(_Base):
         images: Sequence[ImageInput] | None = None,
         inner_steps: int | None = None,
         inner_lr: float | None = None,
+        out_of_scope_threshold: float | None = None,
         idempotency_key: str | None = None,
     ) -> AdaptResponse:
         return await self.send(
@@ -424,6 +444,7 @@ class AsyncClient(_Base):
                 images=images,
                 inner_steps=inner_steps,
                 inner_lr=inner_lr,
+                out_of_scope_threshold=out_of_scope_threshold,
                 idempotency_key=idempotency_key,
             )
         )
@@ -435,9 +456,16 @@ class AsyncClient(_Base):
         inputs: Sequence[NumericInput] | Any | None = None,
         images: Sequence[ImageInput] | None = None,
         version: int | None = None,
+        out_of_scope_threshold: float | None = None,
     ) -> PredictionResponse:
         return await self.send(
-            calls.predict(client_id, inputs=inputs, images=images, version=version)
+            calls.predict(
+                client_id,
+                inputs=inputs,
+                images=images,
+                version=version,
+                out_of_scope_threshold=out_of_scope_threshold,
+            )
         )
 
     async def predict_batch(
@@ -464,6 +492,7 @@ class AsyncClient(_Base):
         version: int | None = None,
         inner_steps: int | None = None,
         inner_lr: float | None = None,
+        out_of_scope_threshold: float | None = None,
         idempotency_key: str | None = None,
     ) -> AdaptResponse:
         return await self.send(
@@ -472,6 +501,7 @@ class AsyncClient(_Base):
                 version=version,
                 inner_steps=inner_steps,
                 inner_lr=inner_lr,
+                out_of_scope_threshold=out_of_scope_threshold,
                 idempotency_key=idempotency_key,
             )
         )
@@ -534,6 +564,7 @@ class AsyncClient(_Base):
         images: Sequence[ImageInput] | None = None,
         inner_steps: int | None = None,
         inner_lr: float | None = None,
+        out_of_scope_threshold: float | None = None,
     ) -> AdaptResponse:
         return await self.send(
             calls.add_examples(
@@ -543,5 +574,6 @@ class AsyncClient(_Base):
                 images=images,
                 inner_steps=inner_steps,
                 inner_lr=inner_lr,
+                out_of_scope_threshold=out_of_scope_threshold,
             )
         )

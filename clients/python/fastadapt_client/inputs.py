@@ -1,4 +1,5 @@
-"""Inputs as the wire takes them: rows or arrays of numbers, and images as base64.
+"""Inputs as the wire takes them: rows or arrays of numbers, texts (text meta-models) as
+they are, and images as base64.
 
 An image is its file's bytes (PNG or JPEG) or a path to the file; the server decodes and
 preprocesses it exactly as in training, so the client sends the file unchanged.
@@ -14,8 +15,9 @@ from typing import Any, TypeAlias
 
 from fastadapt_client.models import WireInput
 
-# A row of D numbers, or a nested (C, H, W) array; numpy arrays are fine (``.tolist()``).
-NumericInput: TypeAlias = Sequence[float] | Sequence[Sequence[Sequence[float]]] | Any
+# A row of D numbers, or a nested (C, H, W) array; numpy arrays are fine (``.tolist()``);
+# or, for a text meta-model, a text (``inputs=["book a flight", ...]``).
+NumericInput: TypeAlias = Sequence[float] | Sequence[Sequence[Sequence[float]]] | str | Any
 # The bytes of a PNG/JPEG file, or the path of one (a str is always a path, never base64).
 ImageInput: TypeAlias = bytes | bytearray | memoryview | str | os.PathLike[str]
 
@@ -26,16 +28,16 @@ def wire_inputs(
     *,
     field: str,
 ) -> list[WireInput]:
-    """Exactly one of ``inputs`` (numbers) and ``images``, as a JSON-ready list."""
+    """Exactly one of ``inputs`` (numbers, or texts) and ``images``, as a JSON-ready list."""
     if (inputs is None) == (images is None):
-        raise ValueError(f"{field}: give exactly one of inputs= (numbers) and images=")
+        raise ValueError(f"{field}: give exactly one of inputs= (numbers or texts) and images=")
     if images is not None:
         if isinstance(images, str | bytes | bytearray | memoryview | os.PathLike):
             raise TypeError(f"{field}: images= is a sequence of images, not one image")
         return [encode_image(image) for image in images]
     rows = _as_list(inputs)
     if isinstance(rows, str | bytes) or not isinstance(rows, Sequence):
-        raise TypeError(f"{field}: inputs= is a sequence of rows or arrays of numbers")
+        raise TypeError(f"{field}: inputs= is a sequence of rows or arrays of numbers, or of texts")
     return [_as_list(row) for row in rows]
 
 

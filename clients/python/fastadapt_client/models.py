@@ -17,8 +17,11 @@ Number = Annotated[float, Field(allow_inf_nan=False)]
 Label = StrictInt | StrictStr  # a client's class label: 3 stays 3, "3" stays "3"
 # A target: a number (regression) or a label (classification). Integers are labels.
 Target = StrictInt | Number | StrictStr
-# One input on the wire: a row of numbers, a (C, H, W) array, or a base64 PNG/JPEG.
+# One input on the wire: a row of numbers, a (C, H, W) array, a base64 PNG/JPEG (image
+# meta-models) or a text (text meta-models).
 WireInput = list[Number] | list[list[list[Number]]] | str
+# An in-scope score's threshold (text meta-models): 0 to 1.
+Threshold = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 
 
 class Request(BaseModel):
@@ -40,17 +43,20 @@ class AdaptRequest(Request):
     support: SupportSet
     inner_steps: int | None = None
     inner_lr: Number | None = None
+    out_of_scope_threshold: Threshold | None = None
 
 
 class ReadaptRequest(Request):
     version: int | None = None
     inner_steps: int | None = None
     inner_lr: Number | None = None
+    out_of_scope_threshold: Threshold | None = None
 
 
 class PredictionRequest(Request):
     inputs: list[WireInput]
     version: int | None = None
+    out_of_scope_threshold: Threshold | None = None
 
 
 class RollbackRequest(Request):
@@ -62,6 +68,7 @@ class ExamplesRequest(Request):
     targets: list[Target]
     inner_steps: int | None = None
     inner_lr: Number | None = None
+    out_of_scope_threshold: Threshold | None = None
 
 
 # -- responses -------------------------------------------------------------------------------
@@ -94,11 +101,24 @@ class AdaptResponse(Response):
         description="What it was stored despite (outside what its meta-model was trained "
         "for, or a support loss that rose), where the server's settings allow it.",
     )
+    out_of_scope_threshold: float | None = Field(
+        None,
+        description="Text meta-models: the in-scope score below which its predictions "
+        "answer no label; None: the meta-model's default.",
+    )
 
 
 class ClassPrediction(Response):
-    label: Label
+    label: Label | None = Field(
+        description="The most probable label; None when the in-scope score is below the "
+        "out-of-scope threshold (text meta-models: none of the client's labels)."
+    )
     probabilities: dict[str, float] = Field(description="Every label of the client: p.")
+    in_scope: float | None = Field(
+        None,
+        description="Text meta-models: how likely the input is one of the client's labels "
+        "at all (0 to 1); None for meta-models without an in-scope score.",
+    )
 
 
 class PredictionResponse(Response):
@@ -134,6 +154,11 @@ class VersionResponse(Response):
         default_factory=list,
         description="What it was stored despite (outside what its meta-model was trained "
         "for, or a support loss that rose), where the server's settings allow it.",
+    )
+    out_of_scope_threshold: float | None = Field(
+        None,
+        description="Text meta-models: the in-scope score below which its predictions "
+        "answer no label; None: the meta-model's default.",
     )
 
 
