@@ -365,7 +365,7 @@ def _targets(
     if len(labels) < 2:  # it would answer that label, with probability 1, to anything
         raise InvalidInput(
             field,
-            f"1 distinct label; meta-model {model.name!r} is a classifier and needs examples "
+            f"a single label; meta-model {model.name!r} is a classifier and needs examples "
             "of at least 2 classes to tell apart",
         )
     max_way = int(model.config.task.get("max_way", 0))

@@ -27,6 +27,12 @@ LABELS = ["flight"] * 3 + ["balance"] * 3 + ["music"] * 3
 SUPPORT = {"inputs": TEXTS, "targets": LABELS}
 QUERIES = ["book a flight to rome", "how much is in my savings account", "play some jazz"]
 EXPECTED = ["flight", "balance", "music"]
+# the labels' names, which the service adds as one example each (task.label_examples)
+NAMES = (
+    ["flight", "balance", "music"]
+    if json.loads((INTENTS / "config.json").read_text())["task"].get("label_examples")
+    else []
+)
 
 
 def adaptation(**extra: Any) -> dict[str, Any]:

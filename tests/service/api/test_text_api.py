@@ -15,12 +15,20 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
 from models.checkpoint import MetaModel
-from models.encoder import EncoderSpec, shared
+from models.encoder import EncoderSpec, label_text, shared
 from models.tasks.text import in_scope
 from service import usecases
 from tests.service.api import test_observability as observed
 from tests.service.conftest import ApiFactory
-from tests.service.text_fixtures import EXPECTED, INTENTS, LABELS, QUERIES, TEXTS, adaptation
+from tests.service.text_fixtures import (
+    EXPECTED,
+    INTENTS,
+    LABELS,
+    NAMES,
+    QUERIES,
+    TEXTS,
+    adaptation,
+)
 
 ADAPT = "/v1/clients/bot/adaptations"
 PREDICT = "/v1/clients/bot/predictions"
@@ -59,9 +67,13 @@ def test_a_text_client_predicts_its_labels_with_the_family_s_own_probabilities_a
     # the reference: the artifact adapted by itself on the encoder's embeddings
     model = MetaModel.load(INTENTS)
     encoder = shared(EncoderSpec.from_dict(model.config.task["encoder"]), "cpu")
-    ys = torch.tensor([version["labels"].index(label) for label in LABELS])
+    ys = [version["labels"].index(label) for label in LABELS]
+    texts = list(TEXTS)
+    if model.config.task.get("label_examples"):  # each label's name: one more example of it
+        texts += [label_text(label) for label in version["labels"]]
+        ys += list(range(len(version["labels"])))
     with torch.no_grad():
-        fast = model.adapt(encoder.encode(TEXTS), ys).fast
+        fast = model.adapt(encoder.encode(texts), torch.tensor(ys)).fast
         logits = model.predict(fast, encoder.encode(QUERIES))  # (Q, max_way)
     assert model.in_scope is not None
     scores = in_scope(logits, 3, *model.in_scope)
@@ -295,16 +307,17 @@ def test_idempotent_retries_and_tenants_hold_for_text_clients(
 
 
 def test_metrics_count_encoder_passes_and_embedding_cache_hits(text_api: TestClient) -> None:
-    created(text_api.post(ADAPT, json=adaptation()))  # 9 new texts: one pass
+    created(text_api.post(ADAPT, json=adaptation()))  # 9 new texts (and names): one pass
     predictions(text_api, [TEXTS[0], QUERIES[0]])  # one seen, one new: a pass of one text
     predictions(text_api, [QUERIES[0]])  # all seen: no pass
     _, samples = observed.scrape(text_api)
+    seen = len(TEXTS) + len(NAMES) + 1
     assert observed.value(samples, "fastadapt_encoder_passes_total") == 2
-    assert observed.value(samples, "fastadapt_encoder_texts_total") == len(TEXTS) + 1
+    assert observed.value(samples, "fastadapt_encoder_texts_total") == seen
     assert observed.value(samples, "fastadapt_embedding_cache_hits_total") == 2
-    assert observed.value(samples, "fastadapt_embedding_cache_misses_total") == len(TEXTS) + 1
-    assert observed.value(samples, "fastadapt_embedding_cache_entries") == len(TEXTS) + 1
-    assert observed.value(samples, "fastadapt_embedding_cache_bytes") > (len(TEXTS) + 1) * 384 * 4
+    assert observed.value(samples, "fastadapt_embedding_cache_misses_total") == seen
+    assert observed.value(samples, "fastadapt_embedding_cache_entries") == seen
+    assert observed.value(samples, "fastadapt_embedding_cache_bytes") > (seen) * 384 * 4
     assert observed.value(samples, "fastadapt_engine_batch_size_count", kind="encode") == 2
     stats = text_api.get("/v1/engine/stats").json()
     assert stats["predict"]["jobs"] == 2  # an encode pass is not counted as a prediction

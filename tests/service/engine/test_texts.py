@@ -110,21 +110,23 @@ def texts(model: MetaModel, inputs: list[str]) -> Any:
 def test_texts_seen_before_are_not_encoded_again(
     engine: Engine, intents: MetaModel, calls: list[list[str]]
 ) -> None:
-    first = engine.submit_adapt(adapt_job(intents, TEXTS, LABELS)).result(60)
-    assert calls == [sorted(set(TEXTS))]  # one pass, each text once
+    job = adapt_job(intents, TEXTS, LABELS)
+    support = list(job.inputs)  # the texts, and the labels' names (task.label_examples)
+    first = engine.submit_adapt(job).result(60)
+    assert calls == [sorted(set(support))]  # one pass, each text once
     again = engine.submit_adapt(adapt_job(intents, TEXTS, LABELS)).result(60)  # a readapt
-    assert calls == [sorted(set(TEXTS))]  # nothing encoded: every text was cached
+    assert calls == [sorted(set(support))]  # nothing encoded: every text was cached
     assert again.params == first.params
-    job = PredictJob(
+    predict = PredictJob(
         intents.version, ("t", "c", "uid"), texts(intents, [TEXTS[0], *QUERIES]), first.params
     )
-    engine.submit_predict(job).result(60)
+    engine.submit_predict(predict).result(60)
     assert calls[1:] == [sorted(QUERIES)]  # only the new ones
     stats = engine.stats().texts
-    assert (stats.passes, stats.encoded) == (2, len(TEXTS) + len(QUERIES))
-    assert stats.hits == len(TEXTS) + 1  # the readapt's texts, and the query seen before
-    assert stats.misses == len(TEXTS) + len(QUERIES)
-    assert stats.entries == len(TEXTS) + len(QUERIES)
+    assert (stats.passes, stats.encoded) == (2, len(support) + len(QUERIES))
+    assert stats.hits == len(support) + 1  # the readapt's texts, and the query seen before
+    assert stats.misses == len(support) + len(QUERIES)
+    assert stats.entries == len(support) + len(QUERIES)
 
 
 def test_adaptations_and_predictions_of_different_clients_share_one_encoder_pass(
@@ -136,8 +138,10 @@ def test_adaptations_and_predictions_of_different_clients_share_one_encoder_pass
 
     queued = Engine({"intents": intents}, CONFIG)  # not started: its jobs wait in the queue
     try:
-        a = queued.submit_adapt(adapt_job(intents, TEXTS, LABELS))
-        b = queued.submit_adapt(adapt_job(intents, OTHER_TEXTS, OTHER_LABELS))
+        a_job = adapt_job(intents, TEXTS, LABELS)
+        b_job = adapt_job(intents, OTHER_TEXTS, OTHER_LABELS)
+        a = queued.submit_adapt(a_job)
+        b = queued.submit_adapt(b_job)
         inputs = [*QUERIES, OTHER_TEXTS[0]]
         c = queued.submit_predict(
             PredictJob(intents.version, ("t", "c", "u1"), texts(intents, inputs), other.params)
@@ -145,7 +149,7 @@ def test_adaptations_and_predictions_of_different_clients_share_one_encoder_pass
         futures: list[Future[Any]] = [a, b, c]
         queued.start()
         results = [f.result(60) for f in futures]
-        distinct = sorted(set(TEXTS) | set(OTHER_TEXTS) | set(QUERIES))
+        distinct = sorted(set(a_job.inputs) | set(b_job.inputs) | set(QUERIES))
         assert calls == [distinct]  # one pass for the three jobs, each text once
         stats = queued.stats()
         assert (stats.texts.passes, stats.texts.encoded) == (1, len(distinct))
