@@ -13,7 +13,7 @@ from service import cli
 
 FAMILIES = list(families())
 COMMANDS = {"train": train, "eval": evaluate}
-# what the README promises every family's `fastadapt train` takes
+# what docs/training.md promises every family's `fastadapt train` takes
 TRAIN_FLAGS = [
     "--out",
     "--seed",
