@@ -21,6 +21,7 @@ import io
 import os
 import re
 import subprocess
+import threading
 import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,6 +254,7 @@ def _tail(stdout: str, stderr: str, chars: int = 3000) -> list[str]:
 
 # -- Python --------------------------------------------------------------------------------------
 SHOWN_NAME = "__docs_shown__"
+WORKING_FOLDER = threading.Lock()  # a process has one: Python examples take turns
 
 
 @dataclass
@@ -333,10 +335,11 @@ def run_python(
         for line in sorted(set(texts) - wrap.wrapped)
     ]
     namespace[SHOWN_NAME] = expressions
-    before = Path.cwd()
-    os.chdir(cwd)
-    try:
-        exec(compile(tree, filename, "exec"), namespace)
-    finally:
-        os.chdir(before)
+    with WORKING_FOLDER:
+        before = Path.cwd()
+        os.chdir(cwd)
+        try:
+            exec(compile(tree, filename, "exec"), namespace)
+        finally:
+            os.chdir(before)
     return problems + expressions.problems

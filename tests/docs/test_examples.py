@@ -4,7 +4,8 @@ Each page (README.md, docs/*.md, clients/python/README.md) gets its own ``fastad
 serve``, with the settings ``make serve`` has but a fresh SQLite database and a free
 port, and its own working folder; its examples run in order, as a reader runs them, so
 an example may use what an earlier one on the page made (``tests.docs.examples`` says
-how each kind runs and how shown outputs are checked).
+how each kind runs and how shown outputs are checked). Pages share nothing, so two run
+at a time; each example's test reports its own outcome.
 
 A block that cannot run here (Docker, a benchmark, hours of training) is preceded by
 ``<!-- not-run: why -->``: it is reported as skipped, with its reason. Output examples
@@ -17,6 +18,7 @@ from __future__ import annotations
 import io
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ SHOWN = {"text", "json"}  # outputs, formats and listings: never run
 BLOCKS = [block for page in pages() for block in blocks(page)]
 EXAMPLES = [block for block in BLOCKS if block.language in SHELL | PYTHON]
 SHELL_TIMEOUT_S = 300.0  # the longest block trains a small meta-model (~15 s when quiet)
+PARALLEL_PAGES = 2
 
 
 def stand_ins(folder: Path) -> None:
@@ -67,8 +70,11 @@ def _drawing(kind: str, shift: int, size: int = 105) -> bytes:
     return out.getvalue()
 
 
+Outcome = list[str] | BaseException  # what went wrong in an example, or what it raised
+
+
 class Page:
-    """One page's server (started at its first example), folder and Python namespace."""
+    """One page's server, folder and Python namespace, and its examples run in order."""
 
     def __init__(self, page: Path, tmp: Path) -> None:
         self.page = page
@@ -80,16 +86,32 @@ class Page:
         self.namespace: dict[str, Any] = {"__name__": "__docs__"}
         self.marks = tmp / "marks"
         self.shell_variables: dict[str, str] = {}  # what the page's blocks set so far
-        self.ready = False
-        self.runs = 0
 
-    def run(self, block: Block) -> list[str]:
-        if self.server.process is None:
-            self.server.start()
-        if not self.ready:
-            self.server.wait_ready()
-            self.ready = True
-        self.runs += 1
+    def run_all(self) -> dict[int, Outcome]:
+        """Every example of the page that is not marked not-run, in order: {line: what
+        went wrong, or the exception it raised}."""
+        examples = [b for b in blocks(self.page) if b in EXAMPLES and b.not_run is None]
+        outcomes: dict[int, Outcome] = {}
+        try:
+            self.server.start().wait_ready()
+        except BaseException as exc:  # the page's examples cannot run: each says why
+            self.server.kill()
+            return dict.fromkeys((b.line for b in examples), exc)
+        try:
+            for n, block in enumerate(examples):
+                try:
+                    outcomes[block.line] = self.run(block, n)
+                except Exception as exc:
+                    outcomes[block.line] = exc
+        finally:
+            code = self.server.terminate()
+        if code != 0 and examples:
+            last = outcomes[examples[-1].line]
+            if isinstance(last, list):
+                last.append(f"the page's server exited {code}: {self.server.tail()}")
+        return outcomes
+
+    def run(self, block: Block, n: int) -> list[str]:
         code = at_port(block.text, self.server.port)
         if block.language in PYTHON:
             return run_python(
@@ -105,59 +127,47 @@ class Page:
             code,
             cwd=self.folder,
             env=self.settings | self.shell_variables | path,
-            marks=self.marks / str(self.runs),
+            marks=self.marks / str(n),
             timeout=SHELL_TIMEOUT_S,
             keep=self.shell_variables,
             offset=block.line,
         )
 
-    def close(self) -> None:
-        code = self.server.terminate()
-        assert code == 0, self.server.tail()
-
 
 class Pages:
-    """The page whose examples run now. The examples are collected page by page, in
-    order: when a page starts, the next page's server starts too (its start-up overlaps
-    this page's examples), and the previous page's server stops."""
+    """The pages whose examples were selected, each run whole (a later example may need
+    an earlier one), ``PARALLEL_PAGES`` at a time: pages share nothing, and most of a
+    page's time is a server starting, a command line importing torch, or a wait."""
 
-    def __init__(self, tmp: pytest.TempPathFactory) -> None:
-        self.tmp = tmp
-        self.current: Page | None = None
-        self.upcoming: Page | None = None
-        self.order = list(dict.fromkeys(b.page for b in EXAMPLES if b.not_run is None))
+    def __init__(self, pages: list[Path], tmp: pytest.TempPathFactory) -> None:
+        self.pool = ThreadPoolExecutor(PARALLEL_PAGES, thread_name_prefix="docs")
+        self.runs = {
+            page: self.pool.submit(Page(page, tmp.mktemp("docs")).run_all) for page in pages
+        }
 
-    def page(self, page: Path) -> Page:
-        if self.current is None or self.current.page != page:
-            self.close_current()
-            if self.upcoming is not None and self.upcoming.page == page:
-                self.current, self.upcoming = self.upcoming, None
-            else:
-                self.current = self._new(page)
-            later = self.order[self.order.index(page) + 1 :] if page in self.order else []
-            if later and self.upcoming is None:
-                self.upcoming = self._new(later[0])
-                self.upcoming.server.start()
-        return self.current
-
-    def _new(self, page: Path) -> Page:
-        return Page(page, self.tmp.mktemp("docs"))
-
-    def close_current(self) -> None:
-        if self.current is not None:
-            current, self.current = self.current, None
-            current.close()
+    def outcome(self, block: Block) -> list[str]:
+        outcome = self.runs[block.page].result()[block.line]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
     def close(self) -> None:
-        self.close_current()
-        if self.upcoming is not None:
-            upcoming, self.upcoming = self.upcoming, None
-            upcoming.close()
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 @pytest.fixture(scope="module")
-def docs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pages]:
-    running = Pages(tmp_path_factory)
+def docs(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Pages]:
+    """The pages of the examples this session runs (all of a page's examples run, the
+    selected ones or not), started together when the first example needs them."""
+    selected = {
+        item.callspec.params["block"].page
+        for item in request.session.items
+        if getattr(item, "originalname", "") == "test_example_runs_as_written"
+        and item.callspec.params["block"].not_run is None
+    }
+    running = Pages([page for page in pages() if page in selected], tmp_path_factory)
     try:
         yield running
     finally:
@@ -168,7 +178,7 @@ def docs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pages]:
 def test_example_runs_as_written(block: Block, docs: Pages) -> None:
     if block.not_run is not None:
         pytest.skip(f"{block.where} is not run: {block.not_run}")
-    problems = docs.page(block.page).run(block)
+    problems = docs.outcome(block)
     assert not problems, f"{block.where}:\n" + "\n".join(problems)
 
 
