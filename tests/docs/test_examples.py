@@ -15,17 +15,15 @@ are drawn in each page's folder beforehand (``stand_ins``).
 
 from __future__ import annotations
 
-import io
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-from PIL import Image
 
+from tests.client.test_live import png
 from tests.docs.examples import at_port, run_python, run_shell
 from tests.docs.markdown import Block, blocks, pages
 from tests.live import Replica, clean_env
@@ -40,34 +38,11 @@ PARALLEL_PAGES = 2
 
 
 def stand_ins(folder: Path) -> None:
-    """The images the examples call the reader's own: three one-stroke characters (a
-    horizontal bar, a vertical one, a diagonal), two drawings of the first two, and a
-    query that is another drawing of the vertical bar."""
-    strokes = {
-        "a1.png": ("h", 0),
-        "a2.png": ("h", 4),
-        "b1.png": ("v", 0),
-        "b2.png": ("v", 4),
-        "c1.png": ("d", 0),
-        "query.png": ("v", -3),
-    }
-    for name, (kind, shift) in strokes.items():
-        (folder / name).write_bytes(_drawing(kind, shift))
-
-
-def _drawing(kind: str, shift: int, size: int = 105) -> bytes:
-    image = np.full((size, size), 255, dtype=np.uint8)
-    middle, third = size // 2 + shift, slice(size // 3 + shift, 2 * size // 3 + shift)
-    if kind == "h":
-        image[middle - 5 : middle + 5, third] = 0
-    elif kind == "v":
-        image[third, middle - 5 : middle + 5] = 0
-    else:
-        for i in range(size // 4, 3 * size // 4):
-            image[i, max(i - 5, 0) : i + 5] = 0
-    out = io.BytesIO()
-    Image.fromarray(image).save(out, format="PNG")
-    return out.getvalue()
+    """The images the examples call the reader's own: one-stroke characters (a horizontal
+    bar for a1 and a2, a vertical one for b1, b2 and the query, a diagonal for c1)."""
+    for names, kind in ((("a1", "a2"), "h"), (("b1", "b2", "query"), "v"), (("c1",), "d")):
+        for name in names:
+            (folder / f"{name}.png").write_bytes(png(kind))
 
 
 Outcome = list[str] | BaseException  # what went wrong in an example, or what it raised
