@@ -7,7 +7,7 @@
 # Two stages: `build` installs torch, the dependencies and the project into a virtual
 # environment at /opt/fastadapt; the final stage copies only that environment (no compilers,
 # no pip cache, no source tree), so the shipped meta-models are in the image once, as the
-# `models` package's data (FASTADAPT_MODELS_DIR's default). README.md#deployment.
+# `models` package's data (FASTADAPT_MODELS_DIR's default). docs/deployment.md.
 ARG PYTHON_IMAGE=python:3.11-slim
 
 FROM ${PYTHON_IMAGE} AS build
@@ -46,7 +46,7 @@ RUN pip install --no-deps .
 FROM ${PYTHON_IMAGE}
 
 # FASTADAPT_HOST: every interface of the container (so `serve --port N` alone works);
-# FASTADAPT_AUTH=required: API keys on every request, loopback included (README.md#keys-and-tenants).
+# FASTADAPT_AUTH=required: API keys on every request, loopback included (docs/keys-and-tenants.md).
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PATH=/opt/fastadapt/bin:$PATH \

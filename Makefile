@@ -3,9 +3,9 @@
 #   make serve        migrate, then serve on 127.0.0.1:8000 (PORT=9000 make serve)
 #   make test         the whole test suite
 #   make lint         ruff check, ruff format --check, mypy (CI runs it before the tests)
-#   make bench        the benchmarks of README.md#benchmarks (~14 min; installs wrk)
-#   make bench-soak   replicas on one PostgreSQL under a checked load (README.md#capacity)
-#   make docker-smoke the compose deployment end to end (README.md#deployment; needs Docker)
+#   make bench        the seven serving benchmarks of docs/benchmarks.md (~20 min; installs wrk)
+#   make bench-soak   replicas on one PostgreSQL under a checked load (docs/deployment.md#capacity)
+#   make docker-smoke the compose deployment end to end (docs/deployment.md; needs Docker)
 #
 # The virtual environment is created once and reinstalled only when pyproject.toml (or
 # the client library's) changes. torch is installed first: TORCH names it (the CPU wheel
@@ -61,7 +61,7 @@ lint: $(STAMP)
 # In-process adaptation and predictions, HTTP batching on/off and the HTTP ceiling, the
 # params cache under a working set five times its size, storage per version, image
 # adaptation, bulk endpoints against one request per client, the text family over HTTP
-# (issue 19's speed goals, batching on/off): each prints a table (README.md#benchmarks).
+# (batching on/off): each prints a table (docs/benchmarks.md).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 bench: $(STAMP)
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk; }

@@ -27,7 +27,7 @@ def sinusoid() -> MetaModel:
 def adapted_rows(meta: MetaModel, count: int, prefix: str = "bench-") -> list[ClientVersion]:
     """``count`` clients ``<prefix>0`` ... adapted (10 steps), as rows of
     ``version_row`` (what the adaptation use case stores)."""
-    settings = Settings(allow_untrained=True)  # 10 steps: beyond the trained 5 (README)
+    settings = Settings(allow_untrained=True)  # 10 steps: beyond the trained 5 (guardrails)
     adaptations = [
         requests.adaptation(
             model=meta,

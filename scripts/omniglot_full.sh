@@ -16,7 +16,7 @@
 #                                     a recipe that fits one CPU session: 16 epochs, 800
 #                                     prototypical episodes, 300 ANIL iterations, shifted
 #                                     support sets and the temperature in one run (65 min on
-#                                     two shared threads; README: it scores below the shipped
+#                                     two shared threads; it scored below the shipped
 #                                     GPU-trained body, so it is not shipped)
 #
 # Every stage trains on the 24 training alphabets only; the 6 held-out alphabets
@@ -33,7 +33,7 @@ THREADS=${THREADS:-2}
 CHUNK_MIN=${CHUNK_MIN:-110}
 SEED=${SEED:-0}
 
-# The levers measured on the 8-alphabet set (README): 128 channels and stronger warps won;
+# The levers measured on the 8-alphabet set: 128 channels and stronger warps won;
 # longer prototypical training with wider episodes was still improving when cut off.
 BODY=(--channels 128 --epochs 60 --proto-episodes 8000 --proto-max-way 80
       --iterations 400 --shift 0.15 --zoom 0.15 --rotate 0.26 --seed "$SEED"

@@ -105,7 +105,7 @@ def live(
         "FASTADAPT_THREADS": "1",
         "FASTADAPT_AUTH": "required",
         # the tests send the client's step overrides to the shipped sinusoid, which was
-        # meta-trained for exactly 5 steps and 5 to 20 points (README "Guardrails")
+        # meta-trained for exactly 5 steps and 5 to 20 points (docs/meta-models.md#guardrails)
         "FASTADAPT_ALLOW_UNTRAINED": "true",
     }
     if request.param == "postgresql":

@@ -11,7 +11,7 @@ from tests.live import Replica
 from tests.replicas.conftest import Deployment, create_key
 from tests.replicas.helpers import adapt, predict, versions
 
-REVOCATION_BOUND_S = 5.0  # README "Keys and tenants": a revoked key is refused within 5 s
+REVOCATION_BOUND_S = 5.0  # docs/keys-and-tenants.md: a revoked key is refused within 5 s
 
 
 def test_a_version_made_on_a_is_read_and_predicted_on_b_at_once(

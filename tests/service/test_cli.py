@@ -15,7 +15,7 @@ from tests.diverged import write_diverged
 
 FAMILIES = list(families())
 COMMANDS = {"train": train, "eval": evaluate}
-# what the README promises every family's `fastadapt train` takes
+# what docs/training.md promises every family's `fastadapt train` takes
 TRAIN_FLAGS = [
     "--out",
     "--seed",

@@ -45,4 +45,4 @@ def test_twenty_way_one_shot_from_png_uploads(make_api: ApiFactory) -> None:
         queries
     )
     print(f"20-way 1-shot through the API: {accuracy:.1%} of {len(queries)} queries")
-    assert accuracy > 0.6, accuracy  # 85% on this task; ~90% over 600 (README.md)
+    assert accuracy > 0.6, accuracy  # 85% on this task; ~90% over 600 (docs/omniglot.md)
