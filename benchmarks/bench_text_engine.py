@@ -31,6 +31,7 @@ from benchmarks.sentences import Sentences
 from benchmarks.serving import load
 from models.checkpoint import MetaModel
 from models.evaluate import ARTIFACTS
+from service import requests
 from service.engine import (
     AdaptJob,
     Engine,
@@ -39,20 +40,21 @@ from service.engine import (
     PredictJob,
     configure_threads,
 )
+from service.settings import Settings
 
 ROWS = ("adapt, new texts", "adapt, cached texts", "predict 1 new sentence")
 
 
 def adapt_jobs(model: MetaModel, source: Sentences, count: int) -> list[AdaptJob]:
-    """``count`` 10-intent, 5-example adaptations of new texts, validated as the service
-    does it (labels as class indices, the meta-model's steps and learned rates)."""
-    inner = model.config.inner
-    lr = None if inner.learned_lr != "none" else inner.lr
+    """``count`` 10-intent, 5-example adaptations of new texts, validated by the service's
+    own ``requests.adaptation`` (labels as class indices, their names as examples, the
+    meta-model's steps and learned rates)."""
+    settings = Settings()
     jobs = []
     for _ in range(count):
-        texts, _ = source.support(source.choose(WAYS), SHOTS)
-        targets = [c for c in range(WAYS) for _ in range(SHOTS)]
-        jobs.append(AdaptJob(model.version, tuple(texts), targets, inner.steps, lr))
+        texts, labels = source.support(source.choose(WAYS), SHOTS)
+        valid = requests.adaptation(model=model, settings=settings, inputs=texts, targets=labels)
+        jobs.append(valid.job)
     return jobs
 
 
