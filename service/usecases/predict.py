@@ -128,7 +128,9 @@ def _pending(
     future: Future[list[list[float]]], query: Query, row: Predictable, model: MetaModel
 ) -> Pending:
     labels, temperature = row.labels, model.temperature
-    threshold = out_of_scope_threshold(query.out_of_scope_threshold, row, model)
+    threshold = DEFAULT_OUT_OF_SCOPE_THRESHOLD  # unused without an in-scope score
+    if model.in_scope is not None:
+        threshold = out_of_scope_threshold(query.out_of_scope_threshold, row, model)
     return Pending(
         future,
         query.client_id,
