@@ -115,7 +115,7 @@ def test_a_malformed_key_is_422_naming_the_header(api: TestClient, key: str) -> 
         # as raw bytes: the test client refuses to encode a non-ASCII value itself
         ADAPTATIONS,
         json=BODY,
-        headers={"Idempotency-Key": key.encode("utf-8")},  # type: ignore[dict-item]
+        headers=[(b"Idempotency-Key", key.encode("utf-8"))],
     )
     assert response.status_code == 422, response.text
     assert response.json()["error"]["message"].startswith("Idempotency-Key: ")
