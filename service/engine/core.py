@@ -192,6 +192,7 @@ class Engine:
                 runner,
                 work.inputs,
                 lambda x: self._predict_now_or_queued(runner, job, work._replace(inputs=x)),
+                on_loop,
             )
         return self._predict_now_or_queued(runner, job, work, on_loop)
 
@@ -271,16 +272,26 @@ class Engine:
         return runner, PredictWork(job.inputs, fast, job.key, ticket)
 
     def _encoded(
-        self, runner: ModelRunner, texts: Texts, then: Callable[[Tensor], Future[T]]
+        self,
+        runner: ModelRunner,
+        texts: Texts,
+        then: Callable[[Tensor], Future[T]],
+        on_loop: bool = False,
     ) -> Future[T]:
         """``then(embeddings)``'s future, the texts' embeddings (N, D) taken from the cache
-        now if all are there, else from an encode job that the device worker batches with
-        every other queued one (adaptations and predictions alike)."""
+        now if all are there; else encoded now, in this thread, when the engine is idle
+        (not on an event loop: an encoder pass takes milliseconds); else from an encode job
+        that the device worker batches with every other queued one (adaptations and
+        predictions alike)."""
         assert runner.encoder is not None
         sha = self.texts.prepare(runner.encoder)
         known = self.texts.cached(sha, texts)
         if known is not None:
             return then(known)
+        if not on_loop and not len(self.batcher) and self._started and not self.batcher.closed:
+            done = self.worker.encode_now([EncodeWork(sha, texts)])
+            if done is not None:
+                return then(done[0])
         queued = Job((sha, "encode"), EncodeWork(sha, texts), self._deadline())
         self._put(queued, runner.version)  # the runner stays loaded until its job is queued
         result: Future[T] = Future()

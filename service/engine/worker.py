@@ -27,12 +27,14 @@ from concurrent.futures._base import FINISHED
 from dataclasses import dataclass, field
 from typing import Any
 
+from torch import Tensor
+
 from service.engine.batcher import Batcher, Job
 from service.engine.cache import ParamsCache
 from service.engine.device import configure_threads
 from service.engine.observer import EngineObserver
 from service.engine.runner import ModelRunner, PredictWork
-from service.engine.texts import TextStage
+from service.engine.texts import EncodeWork, TextStage
 from service.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -186,6 +188,22 @@ class DeviceWorker:
         if self._observed:
             self._observe(runner.version, "predict", [0.0] * len(works), seconds)
         return futures
+
+    def encode_now(self, works: Sequence[EncodeWork]) -> list[Tensor] | None:
+        """Encode ``works``' texts in the calling thread if the device is free now (an idle
+        engine: no hand-off to the worker and back). None if the worker holds the device,
+        or the pass failed (queue them: the worker's run reports the error)."""
+        if self.texts is None or not self.device_lock.acquire(blocking=False):
+            return None
+        start = time.perf_counter()
+        try:
+            out = self.texts.encode(works)
+            self._count("encode", len(works), time.perf_counter() - start)
+        except Exception:
+            return None
+        finally:
+            self.device_lock.release()
+        return out
 
     def _predict_now(self, runner: ModelRunner, works: Sequence[PredictWork]) -> list[Any]:
         try:

@@ -173,3 +173,20 @@ def test_adaptations_and_predictions_of_different_clients_share_one_encoder_pass
         torch.testing.assert_close(kept, alone_each, atol=1e-5, rtol=0)
     finally:
         queued.stop()
+
+
+def test_an_idle_engine_encodes_in_the_callers_thread(
+    engine: Engine, intents: MetaModel, calls: list[list[str]]
+) -> None:
+    """No job queued, the device free: the texts are encoded and the prediction run in the
+    submitting thread (a done future), as predictions of numbers are; not on a loop."""
+    first = engine.submit_adapt(adapt_job(intents, TEXTS, LABELS)).result(60)
+    job = PredictJob(
+        intents.version, ("t", "c", "u"), texts(intents, ["fly me home"]), first.params
+    )
+    future = engine.submit_predict(job)
+    assert future.done() and calls[-1] == ["fly me home"]
+    looped = PredictJob(intents.version, ("t", "c", "u"), texts(intents, ["new one"]), first.params)
+    queued = engine.submit_predict(looped, on_loop=True)  # an event loop never encodes
+    queued.result(60)
+    assert calls[-1] == ["new one"] and engine.stats().worker.batch_sizes["encode"][1] >= 3
