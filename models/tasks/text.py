@@ -429,7 +429,7 @@ def train(args: argparse.Namespace, argv: Sequence[str]) -> None:
     torch.manual_seed(cfg.seed)
     net = nets.build(architecture(rc))
     inner = options.inner_config(args, adapt="head")
-    inner = InnerLoopConfig(**{**asdict(inner), "head_init": "proto"})
+    inner = replace(inner, head_init="proto")
     config = ArtifactConfig(
         name="intents",
         family=NAME,

@@ -187,6 +187,12 @@ class Engine:
         ``on_loop`` (the caller is an event loop, which must not wait for the device) only
         a small net's forward does (an MLP's, tens of microseconds), any other is queued."""
         runner, work = self._predict_work(job)
+        return self._predict_work_now_or_queued(runner, job, work, on_loop)
+
+    def _predict_work_now_or_queued(
+        self, runner: ModelRunner, job: PredictJob, work: PredictWork, on_loop: bool = False
+    ) -> Future[list[list[float]]]:
+        """``submit_predict`` past its checks: texts through the encode stage first."""
         if is_texts(work.inputs):
             return self._encoded(
                 runner,
@@ -227,7 +233,7 @@ class Engine:
             try:
                 runner, work = self._predict_work(job, admit=False)
                 if is_texts(work.inputs):  # through the encode stage, which batches them
-                    futures[i] = self.submit_predict(job)
+                    futures[i] = self._predict_work_now_or_queued(runner, job, work)
                     continue
             except (NotCached, ValueError, KeyError) as exc:
                 futures[i] = _failed(exc)
