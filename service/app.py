@@ -3,6 +3,7 @@ the engine."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import threading
@@ -27,7 +28,8 @@ from service.api.middleware import BodyLimit
 from service.api.observe import Observe
 from service.auth import Guard
 from service.background import Reconciler
-from service.engine import Engine, configure_threads
+from service.engine import Backend, Engine, configure_threads
+from service.engine.remote import RemoteEngine
 from service.settings import Settings
 from service.store.group_commit import GroupCommit
 from service.store.rowcache import RowCache
@@ -98,7 +100,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     registry = start_registry(settings, startup_sessions(app))
     app_metrics: metrics.Metrics | None = app.state.metrics
     observer = None if app_metrics is None else app_metrics.observer
-    engine = Engine(dict(loaded_models(registry)), settings, observer=observer)
+    engine: Backend
+    if settings.engine_socket:  # a front of `serve --workers N`: the device is elsewhere
+        engine = RemoteEngine(
+            dict(loaded_models(registry)),
+            settings,
+            settings.engine_socket,
+            loop=asyncio.get_running_loop(),
+        )
+    else:
+        engine = Engine(dict(loaded_models(registry)), settings, observer=observer)
     registry.engine = engine  # versions the registry unloads leave the device too
     engine.start()
     app.state.runtime = Runtime(

@@ -45,7 +45,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)  # its 2 INFO lines on every call
     if parsed.command == "serve":
-        return serve(host=parsed.host, port=parsed.port)
+        return serve(host=parsed.host, port=parsed.port, workers=parsed.workers)
+    if parsed.command == "_front":
+        return serve(fd=parsed.fd)
+    if parsed.command == "_engine":
+        from service.workers import run_engine
+
+        return run_engine(Settings(), parsed.socket)
     if parsed.command == "keys":
         return keys(parsed)
     if parsed.command == "meta-models":
@@ -63,6 +69,17 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve the HTTP API")
     serve.add_argument("--host", help="interface to bind (default: FASTADAPT_HOST, 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to bind (default: FASTADAPT_PORT, 8000)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="HTTP front processes (default: FASTADAPT_WORKERS, 1); with 2 or more, one "
+        "engine process owns the device and batches across all of them",
+    )
+    # the children of `serve --workers N` (service.workers), not for direct use
+    front = commands.add_parser("_front")
+    front.add_argument("--fd", type=int, required=True, help="the inherited listening socket")
+    engine = commands.add_parser("_engine")
+    engine.add_argument("--socket", required=True, help="the Unix socket to serve fronts on")
     commands.add_parser("migrate", help="apply pending database migrations")
     keys = commands.add_parser("keys", help="create, list and revoke API keys")
     actions = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -87,14 +104,34 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def serve(*, host: str | None = None, port: int | None = None) -> int:
-    """Serve with the environment's settings; SQLite is migrated here, PostgreSQL checked."""
+def serve(
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    workers: int | None = None,
+    fd: int | None = None,
+) -> int:
+    """Serve with the environment's settings; SQLite is migrated here, PostgreSQL checked.
+    With ``workers`` > 1, as that many front processes and an engine process
+    (``service.workers``); with ``fd``, as one of those fronts, on that inherited socket."""
     env = Settings()
-    settings = Settings(host=host or env.host, port=port or env.port)
-    problem = _prepare_schema(settings)
-    if problem:
-        print(f"fastadapt: {problem}", file=sys.stderr)
+    if workers is not None and workers < 1:
+        print("fastadapt: --workers must be at least 1", file=sys.stderr)
         return 2
+    settings = Settings(
+        host=host or env.host, port=port or env.port, workers=workers or env.workers
+    )
+    if fd is None:
+        problem = _prepare_schema(settings)
+        if problem:
+            print(f"fastadapt: {problem}", file=sys.stderr)
+            return 2
+        if settings.workers > 1:
+            from service.workers import serve_workers
+
+            return serve_workers(settings)
+    import socket
+
     import uvicorn
 
     from service.app import create_app, stop
@@ -121,7 +158,7 @@ def serve(*, host: str | None = None, port: int | None = None) -> int:
     # raises the signal again with the handler found here: a graceful stop exits 0.
     if threading.current_thread() is threading.main_thread():  # (signals: main thread only)
         signal.signal(signal.SIGTERM, _stopped)
-    server.run()
+    server.run(sockets=None if fd is None else [socket.socket(fileno=fd)])
     return 0 if server.started else STARTUP_FAILED
 
 

@@ -69,6 +69,20 @@ class Settings(BaseSettings):
     device: str = Field(
         default="auto", description='Torch device: "auto" (cuda if present), "cpu", ...'
     )
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="HTTP front processes of `fastadapt serve` on its one port. 1: one "
+        "process, the engine in it (the fastest on the CPU for small nets); more: that many "
+        "fronts and one engine process that owns the device and batches across all of them "
+        "(docs/deployment.md).",
+    )
+    engine_socket: str = Field(
+        default="",
+        description="The Unix socket of an engine process to use instead of an engine in "
+        "this process (`fastadapt serve --workers N` sets it for its fronts).",
+    )
 
     # -- request limits ----------------------------------------------------------------------
     max_support: int = Field(default=1000, ge=1, description="Most support points per adaptation.")

@@ -1,20 +1,22 @@
 """``GET /metrics``: Prometheus text from the official client, one registry per app.
 
 What the service counts itself lives here: requests by route template, method and status,
-their latency, and (through the engine's observer hook) adaptation and inner-loop
-seconds. What the engine and the group commit already count (batch sizes, queue, cache,
-refusals, commits) is read from them at scrape time by a custom collector, never counted
-twice. Stored clients and versions per meta-model come from one grouped query at scrape
-time, reused for ``metrics_census_s`` seconds.
+their latency, commits (through the group commit's hook), and (through the engine's
+observer hook) adaptation and inner-loop seconds. What the engine already counts (batch
+sizes, queue, cache, refusals) is read from it at scrape time by a custom collector, never
+counted twice. Stored clients and versions per meta-model come from one grouped query at
+scrape time, reused for ``metrics_census_s`` seconds.
 
 The registry is the app's own (``app.state.metrics.registry``), never the process-wide
 default: tests start many apps in one process, and a second app must not find the first
-one's metrics.
+one's metrics. Under ``serve --workers N`` (``PROMETHEUS_MULTIPROC_DIR`` set), what every
+front and the engine process counted is merged at scrape time instead.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -29,6 +31,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from service import usecases
@@ -83,6 +86,14 @@ class Metrics:
             buckets=ADAPT_BUCKETS,
             registry=self.registry,
         )
+        self.commits = Counter(
+            "fastadapt_store_commits",
+            "Transactions that stored new versions.",
+            registry=self.registry,
+        )
+        self.committed = Counter(
+            "fastadapt_store_versions_committed", "New versions stored.", registry=self.registry
+        )
         self.observer = AdaptationObserver(adaptation, inner_loop)
         self.engine = EngineCollector()
         self.census = Census(settings.metrics_census_s)
@@ -95,6 +106,11 @@ class Metrics:
         """Read the engine's, the commits' and the meta-models' counts from ``runtime``."""
         self.engine.runtime = runtime
         self.census.meta_models = tuple(runtime.registry.names())
+        runtime.commits.on_commit = self._committed
+
+    def _committed(self, rows: int) -> None:
+        self.commits.inc()
+        self.committed.inc(rows)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         """One answered request (called on the event loop, by ``Observe``)."""
@@ -114,7 +130,19 @@ class Metrics:
         content type; ``census`` counts stored clients when the last count is too old."""
         self.census.refresh(census)
         encoder, content_type = choose_encoder(accept or "")
-        return encoder(self.registry), content_type
+        return encoder(self._merged() or self.registry), content_type
+
+    def _merged(self) -> CollectorRegistry | None:
+        """Under ``serve --workers N``: the counts of every front and of the engine
+        process, merged from prometheus-client's multiprocess folder, with what is read
+        at scrape time (the engine's stats, the census). None in a single process."""
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            return None
+        merged = CollectorRegistry(auto_describe=False)
+        MultiProcessCollector(merged)
+        merged.register(self.engine)
+        merged.register(self.census)
+        return merged
 
 
 class AdaptationObserver(EngineObserver):
@@ -136,7 +164,7 @@ class AdaptationObserver(EngineObserver):
 
 
 class EngineCollector(Collector):
-    """Counts the engine and the group commit keep themselves, read at scrape time."""
+    """Counts the engine keeps itself, read at scrape time."""
 
     def __init__(self) -> None:
         self.runtime: Runtime | None = None
@@ -146,7 +174,10 @@ class EngineCollector(Collector):
         if runtime is None:  # before start-up
             return
         engine = runtime.engine
-        stats = engine.stats()
+        try:
+            stats = engine.stats()
+        except Unavailable:  # the engine process is away: its families are left out
+            return
         worker, cache = stats.worker, stats.cache
         yield GaugeMetricFamily(
             "fastadapt_engine_queue_depth", "Jobs waiting for the device now.", stats.queued
@@ -220,13 +251,6 @@ class EngineCollector(Collector):
         )
         yield GaugeMetricFamily(
             "fastadapt_embedding_cache_entries", "Text embeddings cached now.", texts.entries
-        )
-        commits = runtime.commits
-        yield CounterMetricFamily(
-            "fastadapt_store_commits", "Transactions that stored new versions.", commits.commits
-        )
-        yield CounterMetricFamily(
-            "fastadapt_store_versions_committed", "New versions stored.", commits.rows
         )
 
 

@@ -85,7 +85,8 @@ async def predicted(
     it), the body serialised once by pydantic, with the version's ETag."""
     fresh = await runtime.predictables.fresh()  # a kept version may answer
     pending = usecases.predict.start_on_loop(runtime=runtime, query=query) if fresh else None
-    if pending is None:
+    outputs = None if pending is None else await usecases.predict.outputs_on_loop(runtime, pending)
+    if pending is None or outputs is None:
 
         def start() -> usecases.predict.Pending:
             with sessions() as session:
@@ -94,7 +95,7 @@ async def predicted(
                 )
 
         pending = await run_in_threadpool(start)
-    outputs = await usecases.predict.outputs_of(runtime, pending)
+        outputs = await usecases.predict.outputs_of(runtime, pending)
     prediction = usecases.predict.finish(pending, outputs)
     body = PredictionResponse.model_validate(prediction).model_dump_json()
     return Response(
@@ -110,10 +111,13 @@ def healthz() -> Status:
 
 @health.get("/readyz", tags=["health"])
 def readyz(request: Request, session: SessionDep, runtime: RuntimeDep) -> Status:
-    """The database answers and at least one meta-model is registered (else 503); 503 from
-    the moment the server is told to stop (SIGTERM), so a load balancer drains it."""
+    """The database answers, the engine is up (an engine process connected) and at least
+    one meta-model is registered (else 503); 503 from the moment the server is told to
+    stop (SIGTERM), so a load balancer drains it."""
     if request.app.state.stopping.is_set():
         raise Unavailable("the server is shutting down", retry_after=1.0)
+    if not runtime.engine.ready:
+        raise Unavailable("the engine process is not connected (starting or restarting)", 1.0)
     usecases.clients.readiness(session=session, registry=runtime.registry)
     return Status(status="ready")
 

@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 
 from service.api.deps import AdminDep, RuntimeDep
 from service.api.schemas import ErrorResponse
-from service.engine import Engine
+from service.engine import Backend
 from service.store.group_commit import GroupCommit
 
 router = APIRouter(tags=["engine"], responses={403: {"model": ErrorResponse}})
@@ -54,7 +54,7 @@ class EngineStatsResponse(BaseModel):
     commits: CommitStats
 
     @classmethod
-    def of(cls, engine: Engine, commits: GroupCommit) -> EngineStatsResponse:
+    def of(cls, engine: Backend, commits: GroupCommit) -> EngineStatsResponse:
         stats = engine.stats()
         worker, cache, config = stats.worker, stats.cache, engine.config
         lookups = cache.hits + cache.misses
@@ -90,6 +90,7 @@ def _batches(batches: int, jobs: int) -> BatchStats:
 
 
 @router.get("/v1/engine/stats")
-async def engine_stats(runtime: RuntimeDep, _: AdminDep) -> EngineStatsResponse:
-    """Counters since start-up: batches, queue, refusals, deadlines, the params cache."""
+def engine_stats(runtime: RuntimeDep, _: AdminDep) -> EngineStatsResponse:
+    """Counters since start-up: batches, queue, refusals, deadlines, the params cache.
+    (A thread's: an engine process answers over its socket.)"""
     return EngineStatsResponse.of(runtime.engine, runtime.commits)

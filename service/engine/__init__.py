@@ -8,6 +8,7 @@ params on the device; the cache, its tickets and the batching are the engine's o
 business, and it never reads the database. Requests reach torch only through here.
 """
 
+from service.engine.backend import Backend
 from service.engine.batcher import DeadlineExceeded
 from service.engine.core import Engine, EngineConfig, EngineStats
 from service.engine.device import configure_threads
@@ -17,6 +18,7 @@ from service.engine.observer import EngineObserver
 __all__ = [
     "AdaptJob",
     "Adapted",
+    "Backend",
     "DeadlineExceeded",
     "Engine",
     "EngineConfig",

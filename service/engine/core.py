@@ -334,6 +334,17 @@ class Engine:
         with self._lock:
             return list(self.runners)
 
+    def load(self, model: MetaModel) -> None:
+        """Load ``model`` on the device now and warm it up (an engine process, told of a
+        version by a front before its first job), unless it is loaded."""
+        if model.version in self.runners:
+            return
+        runner = self._runner(model.version, model)
+        with self.worker.device_lock:
+            runner.warm_up()
+            if runner.encoder is not None:
+                self.texts.warm_up()
+
     def release(self, version: str) -> None:
         """Unload meta-model ``version`` from the device: now if no job of it is queued or
         running, else once its last one is done (a job that loads it again cancels that)."""
@@ -408,6 +419,11 @@ class Engine:
         """Drop every cached version of this client (call after the delete). Uid keys
         already keep them from being served again; this frees their bytes now."""
         self.cache.forget(tenant_id, client_id)
+
+    @property
+    def ready(self) -> bool:
+        """In this process: ready once started, until stopped."""
+        return self._started and not self.batcher.closed
 
     def stats(self) -> EngineStats:
         live = self.worker.stats

@@ -76,6 +76,11 @@ class NotCached(LookupError):
         self.job = job
         self._ticket = ticket  # taken before the read: a forget since keeps it uncached
 
+    @property
+    def ticket(self) -> int:
+        """The cache's epoch when the miss was found (an engine process sends it back)."""
+        return self._ticket
+
     def loaded(self, params: bytes) -> PredictJob:
         """The same job with the stored params (read after this refusal)."""
         return replace(self.job, params=params, ticket=self._ticket)

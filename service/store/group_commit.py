@@ -20,6 +20,7 @@ each, so one bad row fails only its own request.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session
@@ -49,6 +50,7 @@ class GroupCommit:
         self._lock = threading.Lock()
         self.commits = 0  # transactions committed (groups and retries)
         self.rows = 0  # rows committed
+        self.on_commit: Callable[[int], None] | None = None  # told each commit's rows (metrics)
 
     def append(self, *, session: Session, row: ClientVersion) -> ClientVersion:
         """Store ``row`` as its client's next version and commit it (with whatever other
@@ -106,3 +108,5 @@ class GroupCommit:
             return
         self.commits += 1
         self.rows += len(group)
+        if self.on_commit is not None:
+            self.on_commit(len(group))

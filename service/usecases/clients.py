@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from service.engine import Engine
+from service.engine import Backend
 from service.errors import NotFound, Unavailable
 from service.store import repository
 from service.store.tables import Client
@@ -22,7 +22,7 @@ def get(*, session: Session, tenant_id: str, client_id: str) -> Client:
 
 
 @storing
-def delete(*, session: Session, engine: Engine, tenant_id: str, client_id: str) -> None:
+def delete(*, session: Session, engine: Backend, tenant_id: str, client_id: str) -> None:
     """Delete the client with every version and support set, and drop its cached models."""
     if not repository.delete_client(session=session, tenant_id=tenant_id, client_id=client_id):
         raise NotFound(f"unknown client {client_id!r}")

@@ -237,6 +237,16 @@ async def outputs_of(runtime: Runtime, pending: Pending) -> list[list[float]]:
         ) from None
 
 
+async def outputs_on_loop(runtime: Runtime, pending: Pending) -> list[list[float]] | None:
+    """``outputs_of`` a prediction ``start_on_loop`` submitted; None where an engine
+    process no longer held the client's params (``NotCached``): ``start`` it in a thread,
+    which reads them."""
+    try:
+        return await outputs_of(runtime, pending)
+    except NotCached:
+        return None
+
+
 def predict(
     *,
     session: Session,

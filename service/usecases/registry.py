@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from models.checkpoint import MetaModel
 from models.encoder import EncoderSpec, verify
-from service.engine import Engine
+from service.engine import Backend
 from service.errors import Conflict, FastAdaptError, InvalidInput, NotFound
 from service.settings import Settings
 from service.store import registry as store
@@ -64,7 +64,7 @@ class ModelRegistry:
     def __init__(
         self,
         settings: Settings,
-        engine: Engine | None = None,
+        engine: Backend | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.capacity_bytes = settings.meta_model_cache_bytes

@@ -15,7 +15,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlch
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
-from service.engine import Engine
+from service.engine import Backend
 from service.errors import Conflict, NotFound, Unavailable
 from service.settings import Settings
 from service.store import repository
@@ -64,7 +64,7 @@ class InFlight:
 class Runtime:
     """The service's long-lived parts (the app's lifespan builds it)."""
 
-    engine: Engine  # owns the device
+    engine: Backend  # owns the device (here, or an engine process)
     commits: GroupCommit  # new versions' shared commits
     registry: ModelRegistry  # meta-model versions: promoted by name, loaded by sha
     settings: Settings
