@@ -63,9 +63,11 @@ def adaptation(
     inner_steps: int | None = None,
     inner_lr: float | None = None,
     out_of_scope_threshold: float | None = None,
+    tenant: str = "",
 ) -> Adaptation:
     """Validate an adaptation of ``model`` (the version resolved by the caller: the
-    promoted one of the requested name) to the support set (inputs, targets)."""
+    promoted one of the requested name) to the support set (inputs, targets) of
+    ``tenant``'s client."""
     _support_size(inputs, targets, settings)
     steps, lr = _inner(model, inner_steps, inner_lr, settings)
     threshold = out_of_scope(model, out_of_scope_threshold)
@@ -75,7 +77,7 @@ def adaptation(
     x, y = _with_label_examples(model, x, y, labels)
     return Adaptation(
         model=model,
-        job=AdaptJob(model.version, x, y, steps, lr, model=model),
+        job=AdaptJob(model.version, x, y, steps, lr, model=model, tenant=tenant),
         labels=labels,
         support_inputs=json.dumps(inputs, separators=(",", ":")),
         support_targets=json.dumps(targets, separators=(",", ":")),

@@ -147,7 +147,10 @@ class Engine:
         runner = self._runner(job.meta_model, job.model)
         if is_texts(job.inputs):
             return self._encoded(
-                runner, job.inputs, lambda x: self.submit_adapt(replace(job, inputs=x))
+                runner,
+                job.inputs,
+                lambda x: self.submit_adapt(replace(job, inputs=x)),
+                scope=job.tenant,
             )
         queued = Job(runner.adapt_group(job), AdaptWork(job, self.cache.ticket()), self._deadline())
         self._put(queued, job.meta_model)
@@ -199,6 +202,7 @@ class Engine:
                 work.inputs,
                 lambda x: self._predict_now_or_queued(runner, job, work._replace(inputs=x)),
                 on_loop,
+                scope=job.key[0],
             )
         return self._predict_now_or_queued(runner, job, work, on_loop)
 
@@ -283,22 +287,23 @@ class Engine:
         texts: Texts,
         then: Callable[[Tensor], Future[T]],
         on_loop: bool = False,
+        scope: str = "",
     ) -> Future[T]:
         """``then(embeddings)``'s future, the texts' embeddings (N, D) taken from the cache
         now if all are there; else encoded now, in this thread, when the engine is idle
         (not on an event loop: an encoder pass takes milliseconds); else from an encode job
         that the device worker batches with every other queued one (adaptations and
-        predictions alike)."""
+        predictions alike). Embeddings are cached per ``scope`` (the job's tenant)."""
         assert runner.encoder is not None
         sha = self.texts.prepare(runner.encoder)
-        known = self.texts.cached(sha, texts)
+        known = self.texts.cached(sha, texts, scope)
         if known is not None:
             return then(known)
         if not on_loop and not len(self.batcher) and self._started and not self.batcher.closed:
-            done = self.worker.encode_now([EncodeWork(sha, texts)])
+            done = self.worker.encode_now([EncodeWork(sha, texts, scope)])
             if done is not None:
                 return then(done[0])
-        queued = Job((sha, "encode"), EncodeWork(sha, texts), self._deadline())
+        queued = Job((sha, "encode"), EncodeWork(sha, texts, scope), self._deadline())
         self._put(queued, runner.version)  # the runner stays loaded until its job is queued
         result: Future[T] = Future()
 

@@ -41,6 +41,9 @@ class AdaptJob:
     lr: float | None  # inner rate, resolved; None: the meta-model's learned rates
     # the version itself, to load it on the device if it is not (None: it must be)
     model: MetaModel | None = field(default=None, repr=False, compare=False)
+    # whose support set: a text meta-model's embeddings are cached per tenant (a tenant
+    # must not learn from the timing which texts another one sent)
+    tenant: str = ""
 
 
 @dataclass(frozen=True)

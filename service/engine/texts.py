@@ -2,12 +2,16 @@
 
 A text meta-model's adaptations and predictions arrive with their inputs as texts. Before
 its inner loop or forward pass, each job's texts become the pinned encoder's embeddings:
-texts already in the ``EmbeddingCache`` (an LRU by bytes, keyed by the encoder's weights
-and the text) are taken from it in the submitting thread; the rest go to the device
+texts already in the ``EmbeddingCache`` (an LRU by bytes, keyed by the encoder's weights,
+the tenant and the text) are taken from it in the submitting thread; the rest go to the device
 worker as an encode job, and the worker encodes every queued encode job's texts in one
 pass (adaptations and predictions of any clients together, each distinct text once,
 sorted by length inside the encoder so padding stays small). A re-adaptation, a rollback
 or a reconcile of texts the server has seen encodes nothing.
+
+The cache is kept per tenant (the job's ``scope``): were it shared, a tenant could time
+its own requests to learn whether another tenant had sent a given text. One pass still
+encodes a text that two tenants sent together once.
 
 One encoder per pinned spec per engine (the device's), loaded when the first meta-model
 that pins it is; half precision on CUDA when ``half`` is set.
@@ -46,8 +50,9 @@ class EmbeddingStats:
 
 
 class EmbeddingCache:
-    """(encoder sha, text) -> its embedding (D,) on the CPU, least recently used out first
-    once the entries' bytes pass ``capacity_bytes``. Thread-safe."""
+    """(slot, text) -> its embedding (D,) on the CPU, least recently used out first once
+    the entries' bytes pass ``capacity_bytes``; a slot is an encoder's sha (and, in the
+    engine, a tenant: ``_slot``). Thread-safe."""
 
     def __init__(self, capacity_bytes: int) -> None:
         self.capacity_bytes = capacity_bytes
@@ -102,6 +107,12 @@ class EmbeddingCache:
 class EncodeWork(NamedTuple):
     sha: str  # the encoder's weights (its key in ``TextStage.encoders``)
     texts: Texts  # the job's texts, in order
+    scope: str = ""  # whose texts (the tenant): the cache keeps each tenant's apart
+
+
+def _slot(sha: str, scope: str) -> str:
+    """The cache's first key part: one encoder's embeddings of one tenant's texts."""
+    return f"{sha}/{scope}"
 
 
 class TextStage:
@@ -129,9 +140,9 @@ class TextStage:
                 self._shas[spec] = sha
             return sha
 
-    def cached(self, sha: str, texts: Texts) -> Tensor | None:
-        """The texts' embeddings (N, D) if every one is cached, else None."""
-        found = self.cache.get(sha, texts)
+    def cached(self, sha: str, texts: Texts, scope: str = "") -> Tensor | None:
+        """The texts' embeddings (N, D) if every one is cached for ``scope``, else None."""
+        found = self.cache.get(_slot(sha, scope), texts)
         if any(v is None for v in found):
             return None
         return torch.stack(found)  # type: ignore[arg-type]  # none is None
@@ -139,25 +150,31 @@ class TextStage:
     def encode(self, works: Sequence[EncodeWork]) -> list[Tensor]:
         """Each work's embeddings (N_i, D), encoding every distinct uncached text of the
         batch in one pass. On the device worker's thread."""
-        out: list[Tensor] = []
         self.passes += 1
         by_sha: dict[str, list[int]] = {}
         for i, work in enumerate(works):
             by_sha.setdefault(work.sha, []).append(i)
         results: dict[int, Tensor] = {}
         for sha, members in by_sha.items():
-            texts = [t for i in members for t in works[i].texts]
-            found = dict(zip(texts, self.cache.get(sha, texts, count=False), strict=True))
-            missing = sorted({t for t, v in found.items() if v is None})
-            if missing:
+            # each work's texts with their cached embedding or None (its tenant's cache)
+            known = {i: self._known(sha, works[i]) for i in members}
+            missing = sorted({t for i in members for t, v in known[i] if v is None})
+            fresh: dict[str, Tensor] = {}
+            if missing:  # each text once, whoever sent it
                 vectors = self.encoders[sha].encode(missing)  # (M, D) on the CPU
                 self.encoded += len(missing)
-                self.cache.put(sha, missing, vectors)
-                found.update(zip(missing, vectors, strict=True))
+                fresh = dict(zip(missing, vectors, strict=True))
             for i in members:
-                results[i] = torch.stack([found[t] for t in works[i].texts])  # type: ignore[misc]
-        out = [results[i] for i in range(len(works))]
-        return out
+                new = sorted({t for t, v in known[i] if v is None})
+                if new:
+                    slot = _slot(sha, works[i].scope)
+                    self.cache.put(slot, new, torch.stack([fresh[t] for t in new]))
+                results[i] = torch.stack([fresh[t] if v is None else v for t, v in known[i]])
+        return [results[i] for i in range(len(works))]
+
+    def _known(self, sha: str, work: EncodeWork) -> list[tuple[str, Tensor | None]]:
+        found = self.cache.get(_slot(sha, work.scope), work.texts, count=False)
+        return list(zip(work.texts, found, strict=True))
 
     def stats(self) -> EmbeddingStats:
         return replace(self.cache.stats(), passes=self.passes, encoded=self.encoded)

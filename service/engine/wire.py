@@ -18,8 +18,10 @@ sockets beyond reading and writing whole frames.
 from __future__ import annotations
 
 import json
+import socket
 import struct
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any, BinaryIO
 
@@ -76,6 +78,41 @@ def read_frame(stream: BinaryIO) -> Frame | None:
     if len(body) < head_size + blobs_size:
         raise ConnectionError("the stream ended inside a frame")
     return _parse(body, head_size)
+
+
+class Outbox:
+    """Frames written to one socket, in order: at once, except from its ``holder`` thread
+    (a front's event loop; the engine process's reader of that front), whose frames wait
+    for ``flush``: one write for every answer or job of a loop iteration, not one each.
+    ``schedule`` (if any) is called when the first frame is held, to arrange the flush."""
+
+    def __init__(self, sock: socket.socket, schedule: Callable[[], object] | None = None) -> None:
+        self.sock = sock
+        self.holder: int | None = None  # the thread whose frames wait for flush
+        self.schedule = schedule
+        self._held: list[bytes] = []
+        self._lock = threading.Lock()
+
+    def send(self, frame: Frame) -> None:
+        """Write ``frame`` (OSError if the socket is gone), or hold it for ``flush``."""
+        data = b"".join(frame.encode())
+        with self._lock:
+            if self.holder == threading.get_ident():
+                if not self._held and self.schedule is not None:
+                    self.schedule()
+                self._held.append(data)
+                return
+            if self._held:  # after what the holder wrote before it
+                data = b"".join([*self._held, data])
+                self._held.clear()
+            self.sock.sendall(data)
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._held:
+                data = b"".join(self._held)
+                self._held.clear()
+                self.sock.sendall(data)
 
 
 class FrameReader:
@@ -164,6 +201,7 @@ def adapt_job(job: AdaptJob, blobs: list[bytes | memoryview]) -> Header:
         "targets": list(job.targets),
         "steps": job.steps,
         "lr": job.lr,
+        "tenant": job.tenant,
     }
 
 
@@ -174,6 +212,7 @@ def read_adapt_job(part: Header, frame: Frame) -> AdaptJob:
         part["targets"],
         int(part["steps"]),
         None if part["lr"] is None else float(part["lr"]),
+        tenant=str(part.get("tenant", "")),
     )
 
 

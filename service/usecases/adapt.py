@@ -168,6 +168,7 @@ def adapted_version(
         inner_steps=inner_steps,
         inner_lr=inner_lr,
         out_of_scope_threshold=out_of_scope_threshold,
+        tenant=tenant_id,
     )
     adapted = runtime.wait(runtime.engine.submit_adapt(request.job))
     diverged = divergence(adapted, allow=runtime.settings.allow_divergent)

@@ -268,6 +268,7 @@ def adapt_many(
                 inner_steps=item.inner_steps,
                 inner_lr=item.inner_lr,
                 out_of_scope_threshold=item.out_of_scope_threshold,
+                tenant=tenant_id,
             )
             submitted.append((i, request, runtime.engine.submit_adapt(request.job)))
         except FastAdaptError as error:

@@ -99,8 +99,10 @@ def engine(intents: MetaModel) -> Iterator[Engine]:
     engine.stop()
 
 
-def adapt_job(model: MetaModel, texts: list[str], labels: list[str]) -> Any:
-    return requests.adaptation(model=model, settings=settings(), inputs=texts, targets=labels).job
+def adapt_job(model: MetaModel, texts: list[str], labels: list[str], tenant: str = "t") -> Any:
+    return requests.adaptation(
+        model=model, settings=settings(), inputs=texts, targets=labels, tenant=tenant
+    ).job
 
 
 def texts(model: MetaModel, inputs: list[str]) -> Any:
@@ -127,6 +129,23 @@ def test_texts_seen_before_are_not_encoded_again(
     assert stats.hits == len(support) + 1  # the readapt's texts, and the query seen before
     assert stats.misses == len(support) + len(QUERIES)
     assert stats.entries == len(support) + len(QUERIES)
+
+
+def test_a_tenant_never_finds_another_tenants_texts_in_the_cache(
+    engine: Engine, intents: MetaModel, calls: list[list[str]]
+) -> None:
+    """Were the cache shared, a tenant could time its requests to learn which texts
+    another tenant sent."""
+    first = engine.submit_adapt(adapt_job(intents, TEXTS, LABELS, tenant="a")).result(60)
+    again = engine.submit_adapt(adapt_job(intents, TEXTS, LABELS, tenant="b")).result(60)
+    assert len(calls) == 2 and calls[1] == calls[0]  # b's texts encoded anew
+    assert again.params == first.params  # to the same embeddings
+    hits = engine.stats().texts.hits
+    inputs = texts(intents, [TEXTS[0]])
+    engine.submit_predict(PredictJob(intents.version, ("a", "c", "u1"), inputs, first.params))
+    assert engine.stats().texts.hits == hits + 1  # a's own text: cached
+    engine.submit_predict(PredictJob(intents.version, ("c", "c", "u2"), inputs, first.params))
+    assert engine.stats().texts.hits == hits + 1 and calls[-1] == [TEXTS[0]]  # c's: encoded
 
 
 def test_adaptations_and_predictions_of_different_clients_share_one_encoder_pass(
@@ -167,7 +186,8 @@ def test_adaptations_and_predictions_of_different_clients_share_one_encoder_pass
 
         # the embeddings the engine keeps are the encoder's own, text by text (no padding)
         sha = queued.texts.prepare(EncoderSpec.from_dict(intents.config.task["encoder"]))
-        kept = torch.stack([v for v in queued.texts.cache.get(sha, distinct) if v is not None])
+        found = queued.texts.cache.get(f"{sha}/t", distinct)  # tenant t's
+        kept = torch.stack([v for v in found if v is not None])
         assert kept.shape == (len(distinct), 384)
         alone_each = torch.cat([encoder.encode([t]) for t in distinct])
         torch.testing.assert_close(kept, alone_each, atol=1e-5, rtol=0)
