@@ -96,7 +96,8 @@ def test_the_threshold_decides_the_label_and_the_probabilities_stay(text_api: Te
     assert [p["label"] for p in above] == [None] * len(queries)
     everything = predictions(text_api, queries, out_of_scope_threshold=0.0)
     assert None not in [p["label"] for p in everything]
-    below = predictions(text_api, [queries[top]], out_of_scope_threshold=scores[top] - 1e-9)
+    # alone, its score moves in float32's last bits (7e-8 seen on an AMD EPYC): a margin
+    below = predictions(text_api, [queries[top]], out_of_scope_threshold=scores[top] - 1e-6)
     assert below[0]["label"] == everything[top]["label"]
     for a, b in zip(above, everything, strict=True):  # the same scores and probabilities
         assert (a["in_scope"], a["probabilities"]) == (b["in_scope"], b["probabilities"])
