@@ -1,13 +1,15 @@
 """The HTTP ceiling: what this machine serves from a FastAPI app that does nothing else.
 
-    python -m benchmarks.ceiling --port 8001
+    python -m benchmarks.ceiling --port 8001 [--workers N]
 
 The same two routes as fastadapt's adaptations and predictions (same paths, the same
 client-id pattern, the same pydantic request and response schemas), served by uvicorn
 with the settings ``fastadapt serve`` uses; each parses and validates the body, then
 answers a constant-shaped response (zeros, one per input) without a database, an engine
 or auth. ``benchmarks.bench_http`` runs it beside fastadapt and prints fastadapt's share
-of it: the part of a request that is HTTP, JSON and pydantic alone.
+of it: the part of a request that is HTTP, JSON and pydantic alone. With ``--workers N``,
+uvicorn's own N worker processes serve it on the one port (``benchmarks.bench_workers``
+sets it beside ``fastadapt serve --workers N``).
 """
 
 from __future__ import annotations
@@ -74,11 +76,25 @@ def main() -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
+    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (1: none)")
     args = p.parse_args()
+    if args.workers < 1:
+        p.error("--workers must be at least 1")
     import uvicorn
 
     # as ``fastadapt serve`` runs uvicorn (service/cli.py): its defaults, no access log
-    uvicorn.run(create_app(), host=args.host, port=args.port, access_log=False)
+    if args.workers == 1:
+        uvicorn.run(create_app(), host=args.host, port=args.port, access_log=False)
+        return
+    # uvicorn starts its workers from an import string (each builds its own app)
+    uvicorn.run(
+        "benchmarks.ceiling:create_app",
+        factory=True,
+        workers=args.workers,
+        host=args.host,
+        port=args.port,
+        access_log=False,
+    )
 
 
 if __name__ == "__main__":

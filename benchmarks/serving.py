@@ -11,6 +11,7 @@ import os
 import platform
 import random
 import re
+import secrets
 import shutil
 import socket
 import subprocess
@@ -101,15 +102,19 @@ def server(
 
 
 @contextmanager
-def ceiling() -> Iterator[Server]:
+def ceiling(workers: int = 1) -> Iterator[Server]:
     """The HTTP ceiling (``benchmarks/ceiling.py``) on a free port: the same routes and
-    schemas under the same uvicorn settings, answering constants."""
+    schemas under the same uvicorn settings, answering constants; with ``workers`` > 1,
+    served by that many uvicorn worker processes."""
     with tempfile.TemporaryDirectory(prefix="fastadapt-ceiling-") as data:
         port = free_port()
         log = Path(data) / "server.log"
+        command = [sys.executable, "-m", "benchmarks.ceiling", "--port", str(port)]
+        if workers != 1:
+            command += ["--workers", str(workers)]
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "benchmarks.ceiling", "--port", str(port)],
+                command,
                 cwd=HERE.parent,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -117,9 +122,34 @@ def ceiling() -> Iterator[Server]:
         url = f"http://127.0.0.1:{port}"
         try:
             _wait_ready(url, proc, log)
-            yield Server(url, Path(data), engine=False)
+            yield Server(url, Path(data), engine=False, pid=proc.pid)
         finally:
             stop(proc)
+
+
+@contextmanager
+def fresh_database(url: str) -> Iterator[str]:
+    """The URL of a new, empty database on ``url``'s PostgreSQL server (same user, a
+    unique name), dropped on exit: one per server, so that servers of one benchmark share
+    no tables, as their SQLite databases share none. ``url``'s own database is only where
+    the CREATE and DROP run."""
+    from sqlalchemy import create_engine, make_url, text
+
+    base = make_url(url)
+    if base.get_backend_name() != "postgresql":
+        raise SystemExit("--database-url: PostgreSQL only (each server gets SQLite without it)")
+    name = f"fastadapt_bench_{secrets.token_hex(6)}"
+    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+        try:
+            yield base.set(database=name).render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as connection:  # FORCE: a killed server's sessions too
+                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
 
 
 def stop(proc: subprocess.Popen[bytes], grace_s: float = 30) -> None:
@@ -135,9 +165,10 @@ def stop(proc: subprocess.Popen[bytes], grace_s: float = 30) -> None:
 
 
 def wait_idle(srv: Server, limit_s: float = 300, window_s: float = 0.5) -> None:
-    """Until ``srv`` has no job queued and its process used under a tenth of a core over
-    ``window_s``: the backlog a closed-loop run leaves when wrk stops (its requests run
-    to the end) must not run into the next measurement, of this server or another."""
+    """Until ``srv`` has no job queued and its processes (``srv.pid`` and its children)
+    used under a tenth of a core over ``window_s``: the backlog a closed-loop run leaves
+    when wrk stops (its requests run to the end) must not run into the next measurement,
+    of this server or another."""
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
         before = _cpu_seconds(srv.pid)
@@ -149,12 +180,36 @@ def wait_idle(srv: Server, limit_s: float = 300, window_s: float = 0.5) -> None:
 
 
 def _cpu_seconds(pid: int | None) -> float:
-    """User + system CPU time of a process so far (0 where /proc does not say)."""
-    stat = Path(f"/proc/{pid}/stat")
-    if pid is None or not stat.exists():
-        return 0.0
-    fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)"
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time so far of a process and of its live descendants (0 where
+    /proc does not say): ``fastadapt serve --workers N`` and the ceiling's uvicorn workers
+    do their work in child processes; a single-process server has none."""
+    return 0.0 if pid is None else sum(processes(pid).values())
+
+
+def processes(pid: int) -> dict[int, float]:
+    """``pid`` and its live descendants, each with its user + system CPU seconds so far,
+    from ``/proc/<pid>/stat`` (empty where there is no /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parents, cpu = {}, {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # the process ended meanwhile
+            continue
+        fields = text.rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+        child = int(stat.parent.name)
+        parents[child] = int(fields[1])
+        cpu[child] = (int(fields[11]) + int(fields[12])) / tick
+    children: dict[int, list[int]] = {}
+    for child, parent in parents.items():
+        children.setdefault(parent, []).append(child)
+    found, todo = {}, [pid]
+    while todo:
+        current = todo.pop()
+        if current in cpu:
+            found[current] = cpu[current]
+            todo += children.get(current, [])
+    return found
 
 
 def create_key(env: dict[str, str], tenant: str) -> str:

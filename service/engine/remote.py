@@ -54,7 +54,7 @@ class _Connection:
         self.frames = wire.FrameReader()
         self.attached = threading.Event()  # its answers are read on the loop
         self.dropped = threading.Event()
-        self.lock = threading.Lock()  # one writer at a time
+        self.outbox = wire.Outbox(sock)  # on the loop, a loop iteration's jobs in one write
         self.ids = itertools.count(1)
         # id -> (future, how to read its answer, the job: a miss raises NotCached(job))
         self.pending: dict[int, tuple[Future[Any], Decode, Any]] = {}
@@ -62,9 +62,7 @@ class _Connection:
         self.closed = False
 
     def send(self, frame: wire.Frame) -> None:
-        data = b"".join(frame.encode())
-        with self.lock:
-            self.sock.sendall(data)
+        self.outbox.send(frame)
 
     def fail_all(self, error: Exception) -> None:
         self.closed = True  # before the sweep: a call that registers after it sees this
@@ -182,10 +180,19 @@ class RemoteEngine:
 
     def _attach(self, conn: _Connection) -> None:
         """On the loop: read answers as they arrive."""
-        assert self._loop is not None
-        self._loop_thread = threading.get_ident()
-        self._loop.add_reader(conn.sock.fileno(), self._readable, conn)
+        loop = self._loop
+        assert loop is not None
+        self._loop_thread = conn.outbox.holder = threading.get_ident()
+        conn.outbox.schedule = lambda: loop.call_soon(self._flush, conn)
+        loop.add_reader(conn.sock.fileno(), self._readable, conn)
         conn.attached.set()
+
+    def _flush(self, conn: _Connection) -> None:
+        """On the loop, after the iteration that sent them: the jobs it held, written."""
+        try:
+            conn.outbox.flush()
+        except OSError:
+            self._drop(conn)
 
     def _readable(self, conn: _Connection) -> None:
         """On the loop: the answers that arrived (the socket is readable: no wait)."""

@@ -22,7 +22,7 @@ import socket
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import Any, BinaryIO, cast
+from typing import Any
 
 from models.checkpoint import MetaModel
 from service.engine import wire
@@ -37,19 +37,25 @@ class _Front:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.lock = threading.Lock()  # one writer at a time
+        # answers the reader thread makes (jobs run at once) wait for the end of what it
+        # read, and go in one write; the device worker's go at once
+        self.outbox = wire.Outbox(sock)
         self.versions: set[str] = set()  # meta-model versions it loaded
         self.open = True
 
     def send(self, frame: wire.Frame) -> None:
-        data = b"".join(frame.encode())
-        with self.lock:
-            if not self.open:
-                return
-            try:
-                self.sock.sendall(data)
-            except OSError:  # it went away: its reader thread cleans up
-                self.open = False
+        if not self.open:
+            return
+        try:
+            self.outbox.send(frame)
+        except OSError:  # it went away: its reader thread cleans up
+            self.open = False
+
+    def flush(self) -> None:
+        try:
+            self.outbox.flush()
+        except OSError:
+            self.open = False
 
 
 class EngineServer:
@@ -104,17 +110,19 @@ class EngineServer:
         with self._lock:
             fronts = list(self._fronts)
         for front in fronts:
-            with front.lock:
-                front.open = False
-                with contextlib.suppress(OSError):
-                    front.sock.shutdown(socket.SHUT_RDWR)
+            front.open = False
+            with contextlib.suppress(OSError):
+                front.sock.shutdown(socket.SHUT_RDWR)
 
     # -- one front -------------------------------------------------------------------------------
     def _serve(self, front: _Front) -> None:
-        reader = cast(BinaryIO, front.sock.makefile("rb", buffering=1 << 16))
+        reader = wire.FrameReader()
+        front.outbox.holder = threading.get_ident()
         try:
-            while (frame := wire.read_frame(reader)) is not None:
-                self._dispatch(front, frame)
+            while data := front.sock.recv(1 << 18):
+                for frame in reader.feed(data):
+                    self._dispatch(front, frame)
+                front.flush()
         except (OSError, ValueError) as exc:
             if not self._stopping.is_set():
                 log.warning("a front process's connection failed: %s", exc)
@@ -122,8 +130,7 @@ class EngineServer:
             self._gone(front)
 
     def _gone(self, front: _Front) -> None:
-        with front.lock:
-            front.open = False
+        front.open = False
         with contextlib.suppress(OSError):
             front.sock.close()
         with self._lock:

@@ -18,6 +18,7 @@ sockets beyond reading and writing whole frames.
 from __future__ import annotations
 
 import json
+import select
 import socket
 import struct
 import threading
@@ -105,14 +106,25 @@ class Outbox:
             if self._held:  # after what the holder wrote before it
                 data = b"".join([*self._held, data])
                 self._held.clear()
-            self.sock.sendall(data)
+            write_all(self.sock, data)
 
     def flush(self) -> None:
         with self._lock:
             if self._held:
                 data = b"".join(self._held)
                 self._held.clear()
-                self.sock.sendall(data)
+                write_all(self.sock, data)
+
+
+def write_all(sock: socket.socket, data: bytes) -> None:
+    """``sock.sendall`` that also works on a non-blocking socket (an event loop's reader,
+    uvloop's at least, makes the socket non-blocking): waits while its buffer is full."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view) :]
+        except BlockingIOError:
+            select.select([], [sock], [], 1.0)
 
 
 class FrameReader:

@@ -4,6 +4,7 @@ Unix socket (in this process, so a test can stop and restart it), checked agains
 
 from __future__ import annotations
 
+import socket
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import uvloop
 
 from models.checkpoint import MetaModel
 from models.params import to_bytes
@@ -55,7 +57,11 @@ def process(socket_path: str) -> Iterator[EngineProcess]:
 
 
 def front(meta_models: dict[str, MetaModel], path: str) -> RemoteEngine:
-    remote = RemoteEngine(meta_models, settings(), path)
+    """A front's link, its answers read on a uvloop loop as under uvicorn (whose reader
+    makes the socket non-blocking)."""
+    loop = uvloop.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    remote = RemoteEngine(meta_models, settings(), path, loop=loop)
     remote.start()
     assert remote.wait_ready(10)
     return remote
@@ -128,6 +134,7 @@ def test_a_miss_raises_not_cached_then_the_stored_params_are_cached_for_every_fr
     try:
         assert other.submit_predict(ask).result(10) == first
         remote.forget("t", "miss")
+        remote.ticket()  # a round trip: the forget is done (each front has its own link)
         with pytest.raises(NotCached):
             other.submit_predict(ask)
         key2 = ("t", "stored", "uid-3")
@@ -208,3 +215,24 @@ def test_frames_read_whole_from_a_stream_cut_anywhere() -> None:
     assert [bytes(f.blobs[0]) for f in got] == [bytes([i]) * (i * 37) for i in range(1, 6)]
     with pytest.raises(ConnectionError):
         wire.FrameReader().feed(wire.PREFIX.pack(wire.MAX_HEADER + 1, 0))
+
+
+def test_a_frame_larger_than_the_socket_buffer_is_written_whole_on_a_non_blocking_socket() -> None:
+    """A meta-model's load frame (megabytes) on the socket an event loop reads."""
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    data = bytes(range(256)) * (8 << 12)  # 8 MiB
+    received = bytearray()
+
+    def read() -> None:
+        while len(received) < len(data):
+            threading.Event().wait(0.001)  # a slow reader: the buffer fills
+            received.extend(theirs.recv(1 << 16))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    wire.write_all(ours, data)
+    reader.join(30)
+    assert bytes(received) == data
+    ours.close()
+    theirs.close()
