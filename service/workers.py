@@ -40,7 +40,7 @@ from types import FrameType
 from service.settings import Settings
 
 log = logging.getLogger("fastadapt.workers")
-FAST_FAILURE_S = 10.0  # a child that dies sooner after its start failed to start
+FAST_FAILURE_S = 10.0  # a child that exits with an error sooner after its start failed to start
 FAST_FAILURES = 5  # in a row: give up, and stop the server
 RESTART_BACKOFF_S = (0.1, 5.0)  # before a restart: doubles per fast failure, capped
 STARTUP_FAILED = 3
@@ -152,7 +152,9 @@ def _restart_if_dead(child: Child) -> bool:
     code = child.exited()
     if code is None:
         return False
-    quick = time.monotonic() - child.started < FAST_FAILURE_S
+    # failed to start: exited by itself soon after its start; one killed by a signal (an
+    # operator's kill -9, the OOM killer) is started again as often as it is killed
+    quick = code > 0 and time.monotonic() - child.started < FAST_FAILURE_S
     child.fast_failures = child.fast_failures + 1 if quick else 0
     if child.fast_failures >= FAST_FAILURES:
         return True

@@ -340,14 +340,17 @@ class Engine:
             return list(self.runners)
 
     def load(self, model: MetaModel) -> None:
-        """Load ``model`` on the device now and warm it up (an engine process, told of a
-        version by a front before its first job), unless it is loaded."""
+        """Load ``model`` on the device now and warm it up, unless it is loaded: an engine
+        process, told of a version by a front, calls it before it submits any job of that
+        version. The warm-up runs beside the worker's batches (it touches only the new
+        runner: an image meta-model's takes a second or two on a CPU); the shared text
+        encoder's, under the device lock."""
         if model.version in self.runners:
             return
         runner = self._runner(model.version, model)
-        with self.worker.device_lock:
-            runner.warm_up()
-            if runner.encoder is not None:
+        runner.warm_up()
+        if runner.encoder is not None:
+            with self.worker.device_lock:
                 self.texts.warm_up()
 
     def release(self, version: str) -> None:

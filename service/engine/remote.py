@@ -41,7 +41,7 @@ from service.errors import Unavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-RECONNECT_S = (0.05, 1.0)  # pause before reconnecting: doubles per failure, capped
+RECONNECT_S = (0.05, 0.25)  # pause before reconnecting: doubles per failure, capped
 AWAY = "the engine process is not connected (restarting?); retry"
 Decode = Callable[[wire.Header, wire.Frame], Any]
 

@@ -2,10 +2,11 @@
 
 ``EngineServer`` listens on a Unix socket and serves every front process that connects
 (``service.engine.remote``) from one ``Engine``: jobs of all fronts share its queue, its
-batches and its caches. A thread per connection reads frames in order (a meta-model's
-``load`` arrives before the first job that needs it) and submits them; each answer is
-written when its future completes, by whichever thread completes it (the device worker,
-or this one when the engine ran the job at once).
+batches and its caches. A thread per connection reads frames in order and submits them;
+each answer is written when its future completes, by whichever thread completes it (the
+device worker, or this one when the engine ran the job at once). A meta-model's ``load``
+arrives before the first job that needs it; a loader thread loads it, and jobs of it
+wait for that while jobs of other versions go on.
 
 A front that disconnects only loses its own answers; the versions it alone had loaded
 are released. ``shutdown`` stops taking connections, lets the engine finish what it holds
@@ -21,7 +22,7 @@ import os
 import socket
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from models.checkpoint import MetaModel
@@ -30,6 +31,7 @@ from service.engine.core import Engine
 from service.engine.jobs import Adapted, NotCached
 
 log = logging.getLogger(__name__)
+LOADERS = 4  # meta-model versions loaded at once
 
 
 class _Front:
@@ -64,7 +66,11 @@ class EngineServer:
         self.path = path
         self._fronts: list[_Front] = []
         self._lock = threading.Lock()  # _fronts and their versions
-        self._loading = threading.Lock()  # one load at a time: two fronts, one warm-up
+        # meta-model versions loading or loaded, by version: loader threads load them
+        # while jobs of versions already loaded go on, and a small one need not wait for
+        # a big one (a text meta-model's encoder takes seconds to load)
+        self._loads: dict[str, Future[None]] = {}
+        self._loader = ThreadPoolExecutor(LOADERS, thread_name_prefix="fastadapt-engine-load")
         self._stopping = threading.Event()
         self._listener: socket.socket | None = None
 
@@ -106,6 +112,7 @@ class EngineServer:
             self._listener.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
+        self._loader.shutdown(wait=False, cancel_futures=True)
         self.engine.stop(timeout)
         with self._lock:
             fronts = list(self._fronts)
@@ -123,9 +130,11 @@ class EngineServer:
                 for frame in reader.feed(data):
                     self._dispatch(front, frame)
                 front.flush()
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
             if not self._stopping.is_set():
                 log.warning("a front process's connection failed: %s", exc)
+        except Exception:  # a frame that is not ours: this front's link ends, no other's
+            log.exception("a front process sent a frame that could not be read")
         finally:
             self._gone(front)
 
@@ -137,6 +146,8 @@ class EngineServer:
             if front in self._fronts:
                 self._fronts.remove(front)
             held = set().union(*(f.versions for f in self._fronts))
+            for version in front.versions - held:
+                self._loads.pop(version, None)
         for version in front.versions - held:  # nobody serves it any more
             self.engine.release(version)
 
@@ -145,10 +156,18 @@ class EngineServer:
         op = header.get("op")
         if op == "adapt":
             jobs = [wire.read_adapt_job(part, frame) for part in header["jobs"]]
-            self._submit(front, header["ids"], lambda: self._adapt(jobs), wire.adapted)
+            self._once_loaded(
+                {job.meta_model for job in jobs},
+                lambda: self._submit(front, header["ids"], lambda: self._adapt(jobs), wire.adapted),
+            )
         elif op == "predict":
             predictions = [wire.read_predict_job(part, frame) for part in header["jobs"]]
-            self._submit(front, header["ids"], lambda: self._predict(predictions), wire.put_rows)
+            self._once_loaded(
+                {job.meta_model for job in predictions},
+                lambda: self._submit(
+                    front, header["ids"], lambda: self._predict(predictions), wire.put_rows
+                ),
+            )
         elif op == "stored":
             adapted = Adapted(
                 frame.blob(0).tobytes(), 0.0, 0.0, 0, None, 0.0,
@@ -224,13 +243,36 @@ class EngineServer:
         front.send(wire.Frame({"id": i, "ok": ok}, blobs))
 
     def _load(self, front: _Front, header: wire.Header, frame: wire.Frame) -> None:
-        """A meta-model version a front serves: loaded and warmed up on the device, once."""
+        """A meta-model version a front serves: loaded and warmed up on the device, once,
+        by a loader thread."""
         version = str(header["version"])
         with self._lock:
             front.versions.add(version)
-        with self._loading:
-            if version not in self.engine.loaded():
-                self._load_new(version, str(header["config"]), frame.blob(0).tobytes())
+            if version in self._loads or version in self.engine.loaded():
+                return
+            config, weights = str(header["config"]), frame.blob(0).tobytes()
+            self._loads[version] = self._loader.submit(self._load_new, version, config, weights)
+
+    def _once_loaded(self, versions: set[str], then: Callable[[], None]) -> None:
+        """``then()`` now, or once the loads of ``versions`` in progress are done (in a
+        loader thread; a failed load leaves its jobs to fail with KeyError)."""
+        with self._lock:
+            waiting = [f for v in versions if (f := self._loads.get(v)) and not f.done()]
+        if not waiting:
+            then()
+            return
+        left = [len(waiting)]
+        lock = threading.Lock()
+
+        def loaded(_: Future[None]) -> None:
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                then()
+
+        for future in waiting:
+            future.add_done_callback(loaded)
 
     def _load_new(self, version: str, config: str, weights: bytes) -> None:
         try:
@@ -244,10 +286,14 @@ class EngineServer:
             self.engine.load(model)
         except Exception:  # its jobs then fail with KeyError (not loaded), answered
             log.exception("could not load meta-model %s", version[:12])
+            with self._lock:
+                self._loads.pop(version, None)  # a later load frame tries again
 
     def _release(self, front: _Front, version: str) -> None:
         with self._lock:
             front.versions.discard(version)
             held = any(version in f.versions for f in self._fronts)
+            if not held:
+                self._loads.pop(version, None)
         if not held:
             self.engine.release(version)
