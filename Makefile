@@ -48,7 +48,7 @@ serve: migrate
 # (set it empty to skip them).
 test: $(STAMP)
 	FASTADAPT_TEST_POSTGRES_URL="$${FASTADAPT_TEST_POSTGRES_URL-postgresql+psycopg://postgres@127.0.0.1:5432/test}" \
-	  $(BIN)/python -m pytest -q tests
+	  $(BIN)/python -m pytest -q --durations=15 tests
 
 # What CI runs before the tests: lint, format and types of the shipped code and the
 # benchmarks (tests are linted and formatted too).
