@@ -4,7 +4,6 @@ predicts; an unacknowledged one is complete or absent; earlier versions never ch
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 
@@ -13,60 +12,11 @@ import pytest
 
 from tests.live import Replica
 from tests.replicas.conftest import Deployment
-from tests.replicas.helpers import adapt, snapshot, versions
+from tests.replicas.helpers import Burst, snapshot, versions
 
 CLIENTS = ["crash-0", "crash-1", "crash-2"]
 ACKS_BEFORE_STOP = 3  # adaptations acknowledged in a round before the replica is stopped
 ROUNDS = 5
-
-
-class Burst:
-    """Threads that adapt CLIENTS on one replica until stopped or refused, recording every
-    acknowledged (201) version and every other answer."""
-
-    def __init__(self, replica: Replica, key: str, threads: int = 4) -> None:
-        self.acked: list[tuple[str, int]] = []
-        self.acked_at: list[float] = []  # time.monotonic() of each acknowledgement
-        self.statuses: list[int] = []  # answers other than 201
-        self.stop = threading.Event()
-        self._lock = threading.Lock()
-        self._client = replica.client(key)
-        self._threads = [
-            threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)
-        ]
-
-    def __enter__(self) -> Burst:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self._threads:
-            thread.join(60)
-        self._client.close()
-
-    def wait_for_acks(self, count: int, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.acked) < count:
-            assert time.monotonic() < deadline, f"only {len(self.acked)} acknowledged"
-            time.sleep(0.01)
-
-    def _run(self, index: int) -> None:
-        seed = index * 1000
-        while not self.stop.is_set():
-            client_id = CLIENTS[seed % len(CLIENTS)]
-            seed += 1
-            try:
-                response = adapt(self._client, client_id, seed)
-            except httpx.TransportError:  # the replica went away: not acknowledged
-                return
-            with self._lock:
-                if response.status_code == 201:
-                    self.acked.append((client_id, response.json()["version"]))
-                    self.acked_at.append(time.monotonic())
-                else:
-                    self.statuses.append(response.status_code)
 
 
 @pytest.fixture
@@ -98,7 +48,7 @@ def test_a_replica_killed_in_the_middle_of_adaptations_loses_no_acknowledged_ver
     victim.start().wait_ready()
     try:
         for _ in range(ROUNDS):
-            with Burst(victim, deployment.key) as burst:
+            with Burst(victim, deployment.key, CLIENTS) as burst:
                 burst.wait_for_acks(ACKS_BEFORE_STOP)
                 victim.kill()
             assert set(burst.statuses) <= {503}, burst.statuses
@@ -117,7 +67,7 @@ def test_sigterm_during_a_burst_finishes_in_flight_requests_and_exits_0(
     before = snapshot(witness, CLIENTS)
     victim.start().wait_ready()
     try:
-        with Burst(victim, deployment.key, threads=8) as burst:
+        with Burst(victim, deployment.key, CLIENTS, threads=8) as burst:
             burst.wait_for_acks(ACKS_BEFORE_STOP)
             signalled = time.monotonic()
             code = victim.terminate()

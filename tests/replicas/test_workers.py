@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 
@@ -19,7 +18,7 @@ import pytest
 
 from tests.live import Replica
 from tests.replicas.conftest import Deployment
-from tests.replicas.helpers import adapt, predict, snapshot, versions
+from tests.replicas.helpers import Burst, adapt, predict, snapshot, versions
 
 CLIENTS = ["workers-0", "workers-1", "workers-2"]
 ROUNDS = 3  # benchmarks/bench_engine_faults.py runs five, and prints them
@@ -48,49 +47,6 @@ def wait_for(condition: object, timeout: float = 120.0) -> None:
     while not condition():  # type: ignore[operator]
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
-
-
-class Load:
-    """Threads adapting CLIENTS until stopped, recording every acknowledged version and
-    every other answer with its Retry-After."""
-
-    def __init__(self, replica: Replica, key: str, threads: int = 4) -> None:
-        self.acked: list[tuple[str, int]] = []
-        self.refused: list[tuple[int, str | None]] = []  # (status, Retry-After)
-        self.stop = threading.Event()
-        self._lock = threading.Lock()
-        self._client = replica.client(key)
-        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(threads)]
-
-    def __enter__(self) -> Load:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self._threads:
-            thread.join(60)
-        self._client.close()
-
-    def acks(self) -> int:
-        with self._lock:
-            return len(self.acked)
-
-    def _run(self, index: int) -> None:
-        seed = index * 1000
-        while not self.stop.is_set():
-            client_id = CLIENTS[seed % len(CLIENTS)]
-            seed += 1
-            try:
-                response = adapt(self._client, client_id, seed)
-            except httpx.TransportError:  # the server went away (SIGTERM): not acknowledged
-                return
-            with self._lock:
-                if response.status_code == 201:
-                    self.acked.append((client_id, response.json()["version"]))
-                else:
-                    self.refused.append((response.status_code, response.headers.get("retry-after")))
 
 
 @pytest.fixture(scope="module")
@@ -139,15 +95,14 @@ def test_the_engine_process_killed_under_load_loses_no_acknowledged_version(
         before = snapshot(reader, CLIENTS)
         for _ in range(ROUNDS):
             engine = children(workers)["_engine"]
-            with Load(workers, deployment.key) as load:
-                wait_for(lambda: load.acks() >= 3, 60)
+            with Burst(workers, deployment.key, CLIENTS) as load:
+                load.wait_for_acks(3)
                 os.kill(engine[0], signal.SIGKILL)
                 wait_for(lambda load=load: len(load.refused) >= 1, 30)
                 assert reader.get("/readyz").status_code == 503  # away: not ready
                 wait_for(lambda old=engine: children(workers)["_engine"] not in ([], old), 30)
                 workers.wait_ready(120)
-                acked = load.acks()
-                wait_for(lambda load=load, acked=acked: load.acks() > acked, 60)  # serving again
+                load.wait_for_acks(len(load.acked) + 1)  # serving again
             assert {status for status, _ in load.refused} == {503}, load.refused
             assert all(after == "1" for _, after in load.refused), load.refused
             after = snapshot(reader, CLIENTS)  # every stored version predicts
@@ -170,8 +125,8 @@ def test_a_killed_front_is_restarted_and_sigterm_stops_fronts_then_engine(
     with workers.client(deployment.key) as client:
         for i in range(4):
             assert adapt(client, "after-front", i).status_code == 201
-    with Load(workers, deployment.key, threads=4) as load:
-        wait_for(lambda: load.acks() >= 3, 60)
+    with Burst(workers, deployment.key, CLIENTS, threads=4) as load:
+        load.wait_for_acks(3)
         code = workers.terminate()
         load.stop.set()
     assert code == 0, workers.tail()
